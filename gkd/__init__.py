@@ -1,0 +1,30 @@
+"""gkd: on-policy knowledge distillation for language models (GKD, MiniLLM) on accelerate / DeepSpeed.
+
+Data flows ``data → rollout → scorer → losses → trainer``; see DESIGN and ``docs/``.
+"""
+
+from gkd.config import ConfigError, GKDConfig, load_config
+from gkd.losses import distillation_loss_per_token, generalized_jsd, reduce_loss
+from gkd.rollout import Rollout, SamplingParams, sample
+
+__all__ = [
+    "ConfigError",
+    "GKDConfig",
+    "GKDTrainer",
+    "Rollout",
+    "SamplingParams",
+    "distillation_loss_per_token",
+    "generalized_jsd",
+    "load_config",
+    "reduce_loss",
+    "sample",
+]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # the trainer pulls in accelerate; import it lazily
+    if name == "GKDTrainer":
+        from gkd.trainer import GKDTrainer
+
+        return GKDTrainer
+    raise AttributeError(name)

@@ -1,0 +1,5 @@
+import sys
+
+from gkd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,257 @@
+"""Run configuration: one dataclass, one YAML recipe, ``key=value`` overrides on the command line.
+
+Every field carries ``help`` metadata (shown by ``gkd train --help-config``) and is range-checked
+in ``__post_init__``. Unknown keys are errors that suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gkd.losses import DIVERGENCES, REDUCTIONS
+
+__all__ = ["ConfigError", "GKDConfig", "apply_overrides", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message says which value and how to fix it."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors dataclasses/TRL naming
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class GKDConfig:
+    """Everything one distillation run needs. Field names follow DESIGN's coefficient names."""
+
+    # --- models and data ---
+    teacher: str | None = _f(None, "Teacher: Hugging Face id or local folder. May be empty only for pure SFT (divergence=kd, kd_weight=0, lmbda=0).")
+    student: str = _f("", "Student to train: Hugging Face id or local folder (its tokenizer is used).")
+    dataset: str = _f("builtin:addition", "Training prompts: 'builtin:addition' (the built-in task) or a local JSONL file.")
+    dataset_format: str = _f("auto", "JSONL row format: 'prompt_completion' ({prompt, completion}), 'messages' (chat; last assistant turn is the reference) or 'auto'.")
+    num_train_examples: int = _f(20000, "builtin:addition only: number of training problems generated.")
+    max_digits: int = _f(4, "builtin:addition only: operands have 1..max_digits digits.")
+    max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are truncated from the left.")
+    teacher_dtype: str = _f("auto", "Teacher weights dtype: auto | float32 | bfloat16 | float16.")
+    student_dtype: str = _f("float32", "Student weights dtype: float32 | bfloat16 | float16 (use mixed_precision for AMP).")
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the model folders.")
+
+    # --- GKD algorithm (DESIGN §1.2) ---
+    lmbda: float = _f(0.5, "λ: probability that an optimizer step is on-policy (completions sampled from the student). 0 = supervised KD, 1 = fully on-policy.")
+    divergence: str = _f("jsd", f"Token-level divergence: one of {', '.join(sorted(DIVERGENCES))}.")
+    beta: float = _f(0.5, "β of the generalized JSD (divergence=jsd): 0 = forward KL, 1 = reverse KL.")
+    skew: float = _f(0.1, "Skew a of skew_forward_kl / skew_reverse_kl (DistiLLM).")
+    kd_weight: float = _f(0.5, "Classic KD (divergence=kd): weight w of the soft term; (1 − w) goes to CE on reference tokens.")
+    loss_temperature: float = _f(1.0, "Temperature τ applied to both models' logits inside the divergence.")
+    reduction: str = _f("token_mean", f"Loss reduction: {' | '.join(REDUCTIONS)} (token_mean over the global batch of the optimizer step).")
+    seq_kd: bool = _f(False, "Off-policy steps use the teacher's own samples instead of dataset references (SeqKD).")
+
+    # --- sampling ---
+    max_new_tokens: int = _f(64, "Maximum completion length in tokens (sampled or reference).")
+    temperature: float = _f(1.0, "Sampling temperature for on-policy completions.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 disables).")
+    top_k: int = _f(0, "Top-k sampling (0 disables).")
+
+    # --- optimisation ---
+    max_steps: int = _f(100, "Number of optimizer steps.")
+    per_device_batch_size: int = _f(8, "Prompts per micro-batch per process.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(1e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW β1.")
+    adam_beta2: float = _f(0.999, "AdamW β2.")
+    lr_scheduler: str = _f("constant_with_warmup", "transformers scheduler name: constant_with_warmup | linear | cosine | constant | ...")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    mixed_precision: str = _f("no", "accelerate mixed precision: no | bf16 | fp16.")
+    gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory.")
+    seed: int = _f(42, "Seed for weights-independent randomness: data order, sampling and the λ draws.")
+
+    # --- output ---
+    output_dir: str = _f("runs/gkd", "Where metrics.jsonl, config.yaml, checkpoints and the final model go.")
+    logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
+    save_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
+    save_final_model: bool = _f(True, "Save the trained student in Hugging Face format to output_dir/final.")
+    progress_bar: bool = _f(True, "Show a tqdm progress bar on the main process.")
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        checks = [
+            (0.0 <= self.lmbda <= 1.0, "lmbda", "must be in [0, 1]"),
+            (0.0 <= self.beta <= 1.0, "beta", "must be in [0, 1]"),
+            (0.0 <= self.skew <= 1.0, "skew", "must be in [0, 1]"),
+            (0.0 <= self.kd_weight <= 1.0, "kd_weight", "must be in [0, 1]"),
+            (self.loss_temperature > 0, "loss_temperature", "must be > 0"),
+            (self.temperature > 0, "temperature", "must be > 0"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 disables)"),
+            (self.max_new_tokens > 0, "max_new_tokens", "must be > 0"),
+            (self.max_prompt_length > 0, "max_prompt_length", "must be > 0"),
+            (self.max_steps > 0, "max_steps", "must be > 0"),
+            (self.per_device_batch_size > 0, "per_device_batch_size", "must be > 0"),
+            (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be > 0"),
+            (self.learning_rate > 0, "learning_rate", "must be > 0"),
+            (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
+            (self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)"),
+            (self.logging_steps > 0, "logging_steps", "must be > 0"),
+            (self.save_steps >= 0, "save_steps", "must be >= 0"),
+            (self.num_train_examples > 0, "num_train_examples", "must be > 0"),
+            (1 <= self.max_digits <= 12, "max_digits", "must be in [1, 12]"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r} {why}")
+        choices = {
+            "divergence": sorted(DIVERGENCES),
+            "reduction": list(REDUCTIONS),
+            "dataset_format": ["auto", "prompt_completion", "messages"],
+            "mixed_precision": ["no", "bf16", "fp16"],
+            "teacher_dtype": ["auto", "float32", "bfloat16", "float16"],
+            "student_dtype": ["float32", "bfloat16", "float16"],
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(valid)}")
+        if not self.student:
+            raise ConfigError("student is required: a Hugging Face id or a local model folder")
+        if not self.teacher and not self.is_pure_sft:
+            raise ConfigError(
+                "teacher is required (only pure SFT, i.e. divergence=kd with kd_weight=0 and lmbda=0, runs without one)"
+            )
+
+    @property
+    def is_pure_sft(self) -> bool:
+        """Cross-entropy on reference completions only: no teacher needed."""
+        return self.divergence == "kd" and self.kd_weight == 0.0 and self.lmbda == 0.0 and not self.seq_kd
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def help_text(cls) -> str:
+        lines = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"{f.name} (default {json.dumps(default)}): {f.metadata['help']}")
+        return "\n".join(lines)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation; accept ints for floats and strings YAML would parse."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}={value!r} has the wrong type")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}={value!r} must be a string")
+    return value
+
+
+def _coerce_types(cfg: GKDConfig) -> None:
+    for name, tp in _field_types(type(cfg)).items():
+        setattr(cfg, name, _coerce(name, getattr(cfg, name), tp))
+
+
+def _check_keys(keys: typing.Iterable[str], where: str) -> None:
+    valid = [f.name for f in dataclasses.fields(GKDConfig)]
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else "; run 'gkd train --help-config' for the list"
+            raise ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (values parsed as YAML scalars) on top of ``values``."""
+    values = dict(values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. lmbda=1.0)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        _check_keys([key], "command-line overrides")
+        try:
+            values[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            values[key] = raw
+    return values
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> GKDConfig:
+    """Read a YAML recipe (optional), apply overrides, validate."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {str(path)!r} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}".splitlines()[0]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {str(path)!r} must be a mapping of key: value, got {type(loaded).__name__}")
+        _check_keys(loaded, f"recipe {str(path)!r}")
+        values.update(loaded)
+    values = apply_overrides(values, overrides or [])
+    return GKDConfig(**values)

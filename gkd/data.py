@@ -1,0 +1,148 @@
+"""Data: prompts and reference completions, tokenised and batched for rollout.
+
+Rows are plain dicts with ``prompt`` (text), ``completion`` (reference text, optional) and any other
+columns (passed along for reward functions). Sources: the built-in task, or local JSONL in
+``prompt``/``completion`` or chat ``messages`` format.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gkd.rollout import Rollout
+
+__all__ = ["Example", "PromptDataset", "collate", "load_rows", "reference_rollout"]
+
+
+@dataclass
+class Example:
+    """One tokenised row."""
+
+    prompt_ids: list[int]
+    reference_ids: list[int] | None  # reference completion + EOS, truncated to max_new_tokens
+    row: dict[str, Any]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {str(path)!r} not found")
+    rows = []
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"dataset file {str(path)!r} is empty")
+    return rows
+
+
+def _chat_row(row: dict[str, Any], tokenizer, where: str) -> dict[str, Any]:
+    messages = row["messages"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: 'messages' rows need a tokenizer with a chat template; this tokenizer has none")
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's reference answer")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return {**row, "prompt": prompt, "completion": messages[-1]["content"], "_chat": True}
+
+
+def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_examples: int = 20000,
+              max_digits: int = 4, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows ``{prompt, completion, ...}`` from ``builtin:addition`` or a local JSONL file."""
+    if dataset == "builtin:addition":
+        from gkd.task import split_problems
+
+        train, _ = split_problems(num_examples, 512, max_digits=max_digits, seed=seed)
+        return [{"prompt": p.prompt, "completion": p.completion} for p in train]
+    if dataset.startswith("builtin:"):
+        raise ValueError(f"unknown built-in dataset {dataset!r}; valid: builtin:addition")
+    path = Path(dataset)
+    rows = _read_jsonl(path)
+    out = []
+    for i, row in enumerate(rows, 1):
+        fmt = dataset_format
+        if fmt == "auto":
+            fmt = "messages" if "messages" in row else "prompt_completion"
+        where = f"{path}:{i}"
+        if fmt == "messages":
+            if "messages" not in row:
+                raise ValueError(f"{where}: missing column 'messages'")
+            out.append(_chat_row(row, tokenizer, where))
+        else:
+            if "prompt" not in row:
+                raise ValueError(f"{where}: missing column 'prompt' (found: {', '.join(sorted(row))})")
+            out.append(row)
+    return out
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Tokenises rows lazily: prompt truncated from the left, reference + EOS cut at ``max_new_tokens``."""
+
+    def __init__(self, rows: list[dict[str, Any]], tokenizer, *, max_prompt_length: int, max_new_tokens: int):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
+        self.rows, self.tokenizer = rows, tokenizer
+        self.max_prompt_length, self.max_new_tokens = max_prompt_length, max_new_tokens
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Example:
+        row = self.rows[i]
+        chat = bool(row.get("_chat"))
+        prompt_ids = self.tokenizer(row["prompt"], add_special_tokens=not chat).input_ids[-self.max_prompt_length :]
+        ref = row.get("completion")
+        reference_ids = None
+        if ref is not None:
+            reference_ids = self.tokenizer(ref, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+            reference_ids = reference_ids[: self.max_new_tokens]
+        return Example(prompt_ids=prompt_ids, reference_ids=reference_ids, row=row)
+
+
+def collate(examples: list[Example], pad_token_id: int) -> dict[str, Any]:
+    """Left-pad prompts, right-pad references; masks record real tokens (never derived from pad ids)."""
+    batch = len(examples)
+    p_len = max(len(e.prompt_ids) for e in examples)
+    prompt_ids = torch.full((batch, p_len), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((batch, p_len), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n = len(e.prompt_ids)
+        prompt_ids[i, p_len - n :] = torch.tensor(e.prompt_ids)
+        prompt_mask[i, p_len - n :] = True
+    out: dict[str, Any] = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "rows": [e.row for e in examples]}
+    if all(e.reference_ids is not None for e in examples):
+        r_len = max(len(e.reference_ids) for e in examples)  # type: ignore[arg-type]
+        ref_ids = torch.full((batch, r_len), pad_token_id, dtype=torch.long)
+        ref_mask = torch.zeros((batch, r_len), dtype=torch.bool)
+        for i, e in enumerate(examples):
+            n = len(e.reference_ids)  # type: ignore[arg-type]
+            ref_ids[i, :n] = torch.tensor(e.reference_ids)
+            ref_mask[i, :n] = True
+        out["reference_ids"], out["reference_mask"] = ref_ids, ref_mask
+    return out
+
+
+def reference_rollout(batch: dict[str, Any]) -> Rollout:
+    """An off-policy rollout made of the dataset's reference completions."""
+    if "reference_ids" not in batch:
+        raise ValueError("off-policy steps need reference completions: every row needs a 'completion' (or set lmbda=1 / seq_kd)")
+    return Rollout(
+        prompt_ids=batch["prompt_ids"],
+        prompt_mask=batch["prompt_mask"],
+        completion_ids=batch["reference_ids"],
+        completion_mask=batch["reference_mask"],
+        on_policy=False,
+        is_reference=True,
+    )

@@ -1,0 +1,79 @@
+"""Everything that must agree across processes lives here (DESIGN §1.4: ranks must not diverge).
+
+Uses ``torch.distributed`` directly when a process group is up (accelerate and DeepSpeed both
+create one), and is a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["OnPolicyScheduler", "all_ranks_done", "all_reduce_sum", "broadcast_from_main", "is_distributed", "world_size"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def _comm_device() -> torch.device:
+    # NCCL needs CUDA tensors; gloo takes CPU tensors.
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_from_main(value: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``value`` on every rank."""
+    if not is_distributed():
+        return value
+    t = value.detach().to(_comm_device()).clone()
+    dist.broadcast(t, src=0)
+    return t.to(value.device)
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of ``value`` over ranks (a copy; no gradient)."""
+    if not is_distributed():
+        return value.detach().clone()
+    t = value.detach().to(_comm_device()).clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.to(value.device)
+
+
+def all_ranks_done(local_done: bool) -> bool:
+    """True once every rank is done (keeps ZeRO-3 generation in lockstep)."""
+    if not is_distributed():
+        return local_done
+    flag = torch.tensor([0.0 if local_done else 1.0], device=_comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return bool(flag.item() == 0)
+
+
+class OnPolicyScheduler:
+    """GKD Algorithm 1's coin: ``u ~ U(0, 1)`` once per optimizer step, on rank 0, broadcast.
+
+    The step is on-policy iff ``u < λ`` (the paper writes ≤; with ``u ∈ [0, 1)`` this makes λ=0 and λ=1 exact). The generator is seeded by ``seed`` alone and is
+    checkpointable through :meth:`state_dict`, so resumed runs make the same decisions.
+    """
+
+    def __init__(self, lmbda: float, seed: int):
+        if not 0.0 <= lmbda <= 1.0:
+            raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
+        self.lmbda = lmbda
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self) -> bool:
+        u = torch.rand(1, generator=self.generator, dtype=torch.float64)
+        u = broadcast_from_main(u)
+        return bool(u.item() < self.lmbda)  # u ∈ [0, 1): λ=0 never, λ=1 always on-policy
+
+    def state_dict(self) -> dict:
+        return {"lmbda": self.lmbda, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

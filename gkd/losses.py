@@ -1,0 +1,257 @@
+"""Token-level distillation losses (DESIGN §1.1, GKD paper eq. 1, DistiLLM, Hinton KD).
+
+Every function here is a pure tensor function: it takes logits ``(B, T, V)`` in any dtype,
+computes log-softmax in fp32, and returns per-token values ``(B, T)`` or a scalar.
+Conventions: *teacher* is ``P``/``p``, *student* is ``Q``/``q``.
+
+Reduction has one path, :func:`masked_sum_and_count` + :func:`reduce_loss`: the trainer sums a
+micro-batch's per-token losses and divides by the **global** number of completion tokens of the
+optimizer step (all micro-batches, all ranks), which is what makes gradient accumulation and
+multi-process training give the same gradient as one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DIVERGENCES",
+    "REDUCTIONS",
+    "DivergenceFn",
+    "distillation_loss_per_token",
+    "forward_kl",
+    "generalized_jsd",
+    "generalized_jsd_per_token",
+    "get_divergence",
+    "kd_per_token",
+    "log_probs",
+    "masked_sum_and_count",
+    "reduce_loss",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "total_variation",
+]
+
+REDUCTIONS = ("token_mean", "sequence_mean")
+
+
+def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(logits / τ)`` in fp32 whatever the input dtype (DESIGN §1.4: a bf16 teacher
+    against an fp32 student must not give a negative divergence)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return F.log_softmax(logits, dim=-1)
+
+
+def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """KL(a‖b) summed over the last axis, from log-probs. ``p_a = 0`` terms contribute exactly 0."""
+    p_a = logp_a.exp()
+    return torch.where(p_a > 0, p_a * (logp_a - logp_b), torch.zeros_like(p_a)).sum(-1)
+
+
+def _log_mix(logp_a: torch.Tensor, logp_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """``log(w·a + (1−w)·b)`` formed in probability space via log-sum-exp (never a mix of log-probs)."""
+    if weight_a <= 0.0:
+        return logp_b
+    if weight_a >= 1.0:
+        return logp_a
+    return torch.logaddexp(logp_a + math.log(weight_a), logp_b + math.log1p(-weight_a))
+
+
+# --- divergences on log-probs: (student_logp, teacher_logp) -> (B, T) ---------------------------
+
+
+def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Forward KL ``KL(p‖q)`` per position (supervised KD's divergence; mode covering)."""
+    return _kl(teacher_logp, student_logp)
+
+
+def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Reverse KL ``KL(q‖p)`` per position (MiniLLM's objective; mode seeking)."""
+    return _kl(student_logp, teacher_logp)
+
+
+def generalized_jsd_per_token(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.5
+) -> torch.Tensor:
+    """Generalized JSD, GKD paper eq. 1: ``β·KL(P‖M) + (1−β)·KL(Q‖M)``, ``M = β·P + (1−β)·Q``.
+
+    The endpoints are exact: β=0 is forward KL ``KL(P‖Q)``, β=1 is reverse KL ``KL(Q‖P)`` (same
+    convention as the GKD paper and TRL). In between the value is bounded by ``H(β)``.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logp, teacher_logp)
+    if beta == 1.0:
+        return reverse_kl(student_logp, teacher_logp)
+    log_m = _log_mix(teacher_logp, student_logp, beta)
+    return beta * _kl(teacher_logp, log_m) + (1.0 - beta) * _kl(student_logp, log_m)
+
+
+def total_variation(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Total variation distance ``½·Σ_v |p(v) − q(v)|`` per position (DistiLLM's TVD baseline)."""
+    return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
+
+
+def skew_forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, skew: float = 0.1) -> torch.Tensor:
+    """Skew KL, DistiLLM eq. 4: ``KL(p ‖ a·p + (1−a)·q)`` per position (a = ``skew``)."""
+    return _kl(teacher_logp, _log_mix(teacher_logp, student_logp, skew))
+
+
+def skew_reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, skew: float = 0.1) -> torch.Tensor:
+    """Skew reverse KL, DistiLLM eq. 5: ``KL(q ‖ (1−a)·p + a·q)`` per position (a = ``skew``)."""
+    return _kl(student_logp, _log_mix(student_logp, teacher_logp, skew))
+
+
+DivergenceFn = Callable[..., torch.Tensor]
+
+#: Name → per-position divergence on fp32 log-probs. ``kd`` (Hinton) is handled by :func:`kd_per_token`.
+DIVERGENCES: dict[str, DivergenceFn] = {
+    "jsd": generalized_jsd_per_token,
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "tvd": total_variation,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "kd": forward_kl,  # the soft part of classic KD; see kd_per_token
+}
+
+
+def get_divergence(name: str) -> DivergenceFn:
+    """Look a divergence up by name; an unknown name is an error listing the valid ones."""
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(sorted(DIVERGENCES))}") from None
+
+
+def kd_per_token(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    *,
+    kd_weight: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Classic KD (Hinton et al. 2015): ``w·T²·KL(p^T‖q^T) + (1−w)·CE(y_ref, q)`` per position.
+
+    ``T²`` keeps the soft term's gradient scale independent of ``T``. The CE part is computed at
+    temperature 1 on ``labels`` (reference tokens, ``(B, T)`` ids); pass ``labels=None`` on
+    student-generated batches, where there is no reference and only the soft term remains.
+    ``kd_weight=0`` with labels is plain supervised fine-tuning (the teacher may then be ``None``).
+    """
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
+    loss = torch.zeros(student_logits.shape[:-1], dtype=torch.float32, device=student_logits.device)
+    if kd_weight > 0:
+        if teacher_logits is None:
+            raise ValueError("kd with kd_weight > 0 needs teacher logits")
+        soft = forward_kl(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
+        loss = loss + kd_weight * temperature**2 * soft
+    if labels is not None and kd_weight < 1:
+        ce = -log_probs(student_logits).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+        loss = loss + (1.0 - kd_weight) * ce
+    return loss
+
+
+def distillation_loss_per_token(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    *,
+    divergence: str = "jsd",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    kd_weight: float = 0.5,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token loss ``(B, T)`` of the configured objective (the GKD loss of Algorithm 1).
+
+    ``labels`` are only used by ``kd`` (CE on reference tokens, never on student samples).
+    """
+    fn = get_divergence(divergence)
+    if divergence == "kd":
+        return kd_per_token(student_logits, teacher_logits, labels, kd_weight=kd_weight, temperature=temperature)
+    if teacher_logits is None:
+        raise ValueError(f"divergence {divergence!r} needs teacher logits")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; slice both to the tokenizer's length first"
+        )
+    s, t = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    if divergence == "jsd":
+        return fn(s, t, beta=beta)
+    if divergence.startswith("skew_"):
+        return fn(s, t, skew=skew)
+    return fn(s, t)
+
+
+# --- reduction --------------------------------------------------------------------------------
+
+
+def masked_sum_and_count(
+    per_token: torch.Tensor, mask: torch.Tensor | None, reduction: str = "token_mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numerator and denominator of the loss for one micro-batch.
+
+    ``token_mean``: (sum of per-token values over unmasked tokens, number of those tokens).
+    ``sequence_mean``: (sum over sequences of each sequence's token mean (the paper's 1/L_y),
+    number of sequences with at least one token). Masked positions never contribute, even if NaN.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+    if mask is None:
+        mask = torch.ones(per_token.shape, dtype=torch.bool, device=per_token.device)
+    mask = mask.bool()
+    values = torch.where(mask, per_token.float(), torch.zeros((), device=per_token.device))
+    if reduction == "token_mean":
+        return values.sum(), mask.sum().to(torch.float32)
+    lengths = mask.sum(-1)
+    per_seq = values.sum(-1) / lengths.clamp(min=1)
+    return per_seq.sum(), (lengths > 0).sum().to(torch.float32)
+
+
+def reduce_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reduction: str = "token_mean",
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Scalar loss: masked sum divided by ``normalizer`` (default: this batch's own count).
+
+    The trainer passes the global count of the optimizer step as ``normalizer``. An all-masked
+    batch gives 0, not NaN.
+    """
+    total, count = masked_sum_and_count(per_token, mask, reduction)
+    denom = count if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32)
+    return total / denom.clamp(min=1.0)
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "token_mean",
+) -> torch.Tensor:
+    """Mean over unmasked positions of JSD(β)(teacher‖student), GKD paper eq. 1.
+
+    ``student_logits``/``teacher_logits``: ``(B, T, V)``; ``mask``: ``(B, T)`` bool.
+    β=0 is exactly forward KL, β=1 exactly reverse KL. All-masked input gives 0.
+    """
+    per_token = generalized_jsd_per_token(
+        log_probs(student_logits, temperature), log_probs(teacher_logits, temperature), beta
+    )
+    return reduce_loss(per_token, mask, reduction)

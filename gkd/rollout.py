@@ -1,0 +1,174 @@
+"""Rollout: sample completions from a policy with a KV cache, no gradient (GKD Algorithm 1, line 4).
+
+The sampler is our own short loop rather than ``model.generate`` because it must (a) return the
+log-probability of every sampled token under the sampling distribution, (b) build the completion
+mask at sampling time (DESIGN §1.4: never from ``ids != pad``, pad may equal EOS), (c) keep ranks
+in lockstep under ZeRO-3, and (d) later advance a teacher beside the student (MiniLLM). The logits
+processors themselves are transformers' (temperature, top-k, top-p).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+__all__ = ["Rollout", "SamplingParams", "build_logits_processors", "position_ids_from_mask", "sample"]
+
+
+@dataclass
+class SamplingParams:
+    """How completions are drawn. ``do_sample=False`` is greedy decoding."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts with completions, as handed from rollout to scorer.
+
+    Prompts are left-padded, completions right-padded; the masks are the only source of truth
+    for which positions are real tokens.
+    """
+
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded
+    prompt_mask: torch.Tensor  # (B, P) bool
+    completion_ids: torch.Tensor  # (B, L) long, right-padded with pad_token_id
+    completion_mask: torch.Tensor  # (B, L) bool, True up to and including EOS
+    on_policy: bool = False  # sampled from the student (True) or reference / teacher text (False)
+    is_reference: bool = False  # completions are dataset references (CE targets for classic KD)
+    sampled_logprobs: torch.Tensor | None = None  # (B, L) fp32 log q_old(y_t) under the sampling distribution
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, P + L)
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P + L) long
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1).long()
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of completion tokens (EOS included)."""
+        return int(self.completion_mask.sum())
+
+    def to(self, device: torch.device | str) -> Rollout:
+        moved = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+            for k, v in self.__dict__.items()
+        }
+        return replace(self, **moved)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: 0 at each row's first real token (HF convention: pads get 1)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def build_logits_processors(params: SamplingParams) -> LogitsProcessorList:
+    """transformers' warpers in generate()'s order: temperature, top-k, top-p."""
+    procs = LogitsProcessorList()
+    if params.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k > 0:
+        procs.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        procs.append(TopPLogitsWarper(params.top_p))
+    return procs
+
+
+def _as_id_tensor(ids: int | Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.as_tensor([ids] if isinstance(ids, int) else list(ids), device=device)
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    params: SamplingParams,
+    *,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+    all_ranks_done: Callable[[bool], bool] | None = None,
+) -> Rollout:
+    """Sample a completion for each left-padded prompt with a KV cache.
+
+    A sequence stops at its first EOS (kept in ``completion_mask``); later positions hold
+    ``pad_token_id`` and are masked. The loop stops as soon as every sequence has finished, or,
+    when ``all_ranks_done`` is given (ZeRO-3), once every rank reports done: a finished rank keeps
+    stepping so that parameter gathers stay matched. ``vocab_size`` slices logits to the
+    tokenizer's length (padded embedding rows are never sampled).
+    """
+    was_training = model.training
+    model.eval()
+    device = prompt_ids.device
+    batch = prompt_ids.shape[0]
+    eos = _as_id_tensor(eos_token_id, device)
+    procs = build_logits_processors(params)
+    attention = prompt_mask.long()
+    positions = position_ids_from_mask(attention)
+
+    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    cache = out.past_key_values
+    next_logits = out.logits[:, -1, :vocab_size]
+    next_pos = positions[:, -1:] + 1
+
+    tokens, logprobs, masks = [], [], []
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    generated = prompt_ids
+    for _ in range(params.max_new_tokens):
+        scores = procs(generated, next_logits.float())
+        logp = torch.log_softmax(scores, dim=-1)
+        if params.do_sample:
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        else:
+            tok = logp.argmax(-1)
+        alive = ~finished
+        tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
+        tokens.append(tok)
+        masks.append(alive)
+        logprobs.append(torch.where(alive, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0))
+        finished = finished | torch.isin(tok, eos)
+        done = bool(finished.all())
+        if (all_ranks_done(done) if all_ranks_done is not None else done) or len(tokens) == params.max_new_tokens:
+            break
+        generated = torch.cat([generated, tok[:, None]], dim=1)
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        out = model(
+            input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos, past_key_values=cache, use_cache=True
+        )
+        cache = out.past_key_values
+        next_logits = out.logits[:, -1, :vocab_size]
+        next_pos = next_pos + 1
+
+    if was_training:
+        model.train()
+    completion_mask = torch.stack(masks, dim=1)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask.bool(),
+        completion_ids=torch.stack(tokens, dim=1),
+        completion_mask=completion_mask,
+        on_policy=True,
+        sampled_logprobs=torch.stack(logprobs, dim=1),
+    )

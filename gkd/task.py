@@ -1,0 +1,171 @@
+"""The built-in task: column addition with written carries, tokenizer and tiny models built in code.
+
+Nothing here downloads anything. A problem adds two numbers of 1..``max_digits`` digits, written
+least-significant digit first so that column ``i`` of each operand sits at a fixed offset. The completion writes, for each column ``i``, the sum digit ``s_i`` followed by the carry ``c_i``
+(``s_i, c_i = divmod-ish(a_i + b_i + c_{i-1})``), one pair per column of the longer operand::
+
+    274 + 59 = 333  →  prompt "472+95="  completion "3" "1" "3" "1" "3" "0" <eos>  ("313130")
+
+Each pair depends on the carry the model itself wrote one token earlier, so a student's early
+mistake compounds (DESIGN §3.1 lesson 3); the number of pairs depends on the operand lengths, so
+stopping at EOS matters. :func:`check_answer` is the exact-match checker that doubles as the
+built-in reward function (``gkd.task:exact_match_reward``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+SYMBOLS = list("0123456789+=")
+VOCAB = [PAD, BOS, EOS, *SYMBOLS]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One addition problem: ``prompt`` and reference ``completion`` as text, and the operands."""
+
+    a: int
+    b: int
+    digits: int = 4
+
+    @property
+    def prompt(self) -> str:
+        return f"{BOS}{_rev(self.a, self.digits)}+{_rev(self.b, self.digits)}="
+
+    @property
+    def completion(self) -> str:
+        return written_sum(self.a, self.b, self.digits)
+
+
+def _rev(n: int, digits: int) -> str:
+    return str(n).zfill(digits)[::-1]
+
+
+def written_sum(a: int, b: int, digits: int) -> str:
+    """The reference completion (without EOS): ``s_0 c_0 s_1 c_1 ...`` over ``digits`` columns."""
+    da, db = _rev(a, digits), _rev(b, digits)
+    out, carry = [], 0
+    for i in range(digits):
+        total = int(da[i]) + int(db[i]) + carry
+        carry = total // 10
+        out.append(f"{total % 10}{carry}")
+    return "".join(out)
+
+
+def parse_written_sum(text: str) -> int | None:
+    """Read the number a completion states (sum digits plus final carry); ``None`` if malformed."""
+    text = text.split(EOS)[0].replace(PAD, "").strip()
+    if not text or len(text) % 2 or not text.isdigit():
+        return None
+    digits = text[0::2]
+    carries = text[1::2]
+    if any(c not in "01" for c in carries):
+        return None
+    return int((carries[-1] + digits[::-1]))
+
+
+def check_answer(prompt: str, completion: str) -> bool:
+    """Exact match: the completion is the full written sum of the prompt's operands (carries included)."""
+    body = prompt.replace(BOS, "").rstrip("=")
+    try:
+        a_rev, b_rev = body.split("+")
+        expected = written_sum(int(a_rev[::-1]), int(b_rev[::-1]), len(a_rev))
+    except ValueError:
+        return False
+    return completion.split(EOS)[0].replace(PAD, "") == expected
+
+
+def exact_match_reward(prompts: list[str], completions: list[str], **kwargs: object) -> list[float]:
+    """Built-in reward in TRL's reward-function signature: 1.0 for an exact written sum, else 0.0."""
+    return [float(check_answer(p, c)) for p, c in zip(prompts, completions, strict=True)]
+
+
+def make_problems(n: int, max_digits: int = 4, seed: int = 0, exclude: set[tuple[int, int]] | None = None) -> list[Problem]:
+    """``n`` distinct problems; each operand has 1..``max_digits`` digits (length uniform), zero-padded."""
+    if n > 10 ** (2 * max_digits) // 2:
+        raise ValueError(f"cannot draw {n} distinct problems with max_digits={max_digits}")
+    rng = random.Random(seed)
+    seen: set[tuple[int, int]] = set(exclude or ())
+    out: list[Problem] = []
+    while len(out) < n:
+        la, lb = rng.randint(1, max_digits), rng.randint(1, max_digits)
+        a = rng.randint(10 ** (la - 1) if la > 1 else 0, 10**la - 1)
+        b = rng.randint(10 ** (lb - 1) if lb > 1 else 0, 10**lb - 1)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        out.append(Problem(a, b, max_digits))
+    return out
+
+
+def split_problems(n_train: int, n_eval: int, max_digits: int = 4, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """Disjoint train / held-out problem sets."""
+    held_out = make_problems(n_eval, max_digits, seed=seed + 10_000)
+    train = make_problems(n_train, max_digits, seed=seed, exclude={(p.a, p.b) for p in held_out})
+    return train, held_out
+
+
+def build_tokenizer():
+    """A character-level tokenizer for the task, built with the ``tokenizers`` library.
+
+    Returned as a ``PreTrainedTokenizerFast`` so it saves/loads through ``AutoTokenizer`` exactly
+    like a hub tokenizer. Left padding, as generation needs.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<bos>|<eos>|<pad>|."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=PAD,
+        padding_side="left",
+        model_max_length=64,
+    )
+
+
+#: Model shapes of the embedded default (DESIGN §3): a Llama-shaped teacher, a smaller Qwen2-shaped student.
+TEACHER_SHAPE = dict(model_type="llama", hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
+STUDENT_SHAPE = dict(model_type="qwen2", hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+
+
+def build_model_config(shape: dict, tokenizer) -> object:
+    """A ``transformers`` config for a tiny causal LM of the given shape over the task vocabulary."""
+    from transformers import AutoConfig
+
+    shape = dict(shape)
+    model_type = shape.pop("model_type")
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        num_key_value_heads=shape["num_attention_heads"],
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        **shape,
+    )
+
+
+def save_random_model(path: str | Path, shape: dict, seed: int = 0) -> Path:
+    """Build a randomly initialised model of ``shape`` with the task tokenizer and save both to ``path``
+    (then it loads through ``from_pretrained`` like any hub model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(build_model_config(shape, tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
