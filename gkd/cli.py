@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     from gkd.config import ConfigError
 
     try:

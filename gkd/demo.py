@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,9 +24,9 @@ import torch
 
 from gkd.config import GKDConfig
 from gkd.evaluate import EvalResult, evaluate
-from gkd.task import STUDENT_SHAPE, TEACHER_SHAPE, check_answer, save_random_model, split_problems
+from gkd.task import STUDENT_SHAPE, TEACHER_SHAPE, cache_dir, check_answer, save_random_model, split_problems
 
-__all__ = ["DemoPlan", "cache_dir", "run_demo"]
+__all__ = ["DemoPlan", "run_demo"]
 
 
 @dataclass
@@ -37,7 +36,7 @@ class DemoPlan:
     max_digits: int = 4
     num_train: int = 20000
     num_eval: int = 256
-    teacher_steps: int = 700
+    teacher_steps: int = 600
     teacher_lr: float = 2e-3
     teacher_batch: int = 64
     warmup_steps: int = 300
@@ -51,21 +50,15 @@ class DemoPlan:
         return cls(num_train=512, num_eval=32, teacher_steps=4, warmup_steps=4, gkd_steps=3, student_batch=8, teacher_batch=8)
 
 
-def cache_dir() -> Path:
-    """``$GKD_CACHE`` or ``$XDG_CACHE_HOME/gkd`` or ``~/.cache/gkd``."""
-    if os.environ.get("GKD_CACHE"):
-        return Path(os.environ["GKD_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gkd"
-
-
-def _sft(plan: DemoPlan, init: Path, out: Path, steps: int, lr: float, batch: int, seed: int) -> Path:
+def _sft(plan: DemoPlan, init: Path, out: Path, steps: int, lr: float, batch: int, seed: int,
+         scheduler: str = "constant_with_warmup") -> Path:
     """Supervised fine-tuning = our trainer with divergence=kd, kd_weight=0, λ=0 (no teacher)."""
     from gkd.trainer import GKDTrainer
 
     cfg = GKDConfig(
         student=str(init), teacher=None, divergence="kd", kd_weight=0.0, lmbda=0.0,
         max_digits=plan.max_digits, num_train_examples=plan.num_train, max_new_tokens=2 * plan.max_digits + 1,
-        max_steps=steps, per_device_batch_size=batch, learning_rate=lr, lr_scheduler="constant_with_warmup",
+        max_steps=steps, per_device_batch_size=batch, learning_rate=lr, lr_scheduler=scheduler,
         warmup_steps=min(50, steps // 4), output_dir=str(out), seed=seed, progress_bar=True,
     )
     GKDTrainer(cfg).train()
@@ -98,7 +91,7 @@ def _teacher(plan: DemoPlan, work: Path, seed: int, retrain: bool) -> tuple[Path
     if (cached / "COMPLETED").exists() and not retrain:
         return cached, True
     trained = _sft(plan, save_random_model(work / "teacher-init", TEACHER_SHAPE, seed), work / "teacher-sft",
-                   plan.teacher_steps, plan.teacher_lr, plan.teacher_batch, seed)
+                   plan.teacher_steps, plan.teacher_lr, plan.teacher_batch, seed, scheduler="cosine")
     tmp = cached.with_name(cached.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(trained, tmp)

@@ -66,7 +66,7 @@ def parse_written_sum(text: str) -> int | None:
     carries = text[1::2]
     if any(c not in "01" for c in carries):
         return None
-    return int((carries[-1] + digits[::-1]))
+    return int(carries[-1] + digits[::-1])
 
 
 def check_answer(prompt: str, completion: str) -> bool:
@@ -169,3 +169,44 @@ def save_random_model(path: str | Path, shape: dict, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def cache_dir() -> Path:
+    """``$GKD_CACHE`` or ``$XDG_CACHE_HOME/gkd`` or ``~/.cache/gkd``."""
+    import os
+
+    if os.environ.get("GKD_CACHE"):
+        return Path(os.environ["GKD_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gkd"
+
+
+#: Models a recipe can name without any download: randomly initialised, fixed seed, saved once to the
+#: cache folder and then loaded through ``from_pretrained`` like any other model folder.
+BUILTIN_MODELS = {"builtin:tiny-teacher": (TEACHER_SHAPE, 0), "builtin:tiny-student": (STUDENT_SHAPE, 1)}
+
+
+def resolve_model_path(name: str) -> str:
+    """``builtin:tiny-teacher`` / ``builtin:tiny-student`` → a local folder (created on first use);
+    any other name (hub id or folder) is returned unchanged."""
+    if not name.startswith("builtin:"):
+        return name
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; valid: {', '.join(BUILTIN_MODELS)}")
+    import hashlib
+    import json
+    import os
+    import shutil
+
+    shape, seed = BUILTIN_MODELS[name]
+    key = hashlib.sha256(json.dumps([shape, seed, VOCAB]).encode()).hexdigest()[:12]
+    path = cache_dir() / "builtin" / f"{name.split(':', 1)[1]}-{key}"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        save_random_model(tmp, shape, seed)
+        if not path.exists():
+            try:
+                tmp.rename(path)  # atomic; a concurrent process may have won the race
+            except OSError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)

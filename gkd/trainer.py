@@ -38,6 +38,7 @@ from gkd.data import PromptDataset, collate, load_rows, reference_rollout
 from gkd.losses import distillation_loss_per_token, masked_sum_and_count
 from gkd.rollout import Rollout, SamplingParams, sample
 from gkd.scorer import check_tokenizers_match, completion_logits, output_vocab_size, score
+from gkd.task import resolve_model_path
 
 __all__ = ["GKDTrainer", "disable_dropout", "load_model", "load_tokenizer"]
 
@@ -55,7 +56,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The student's tokenizer; a missing pad token falls back to EOS (with a warning)."""
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer of {name_or_path!r} has no EOS token; completions could never end")
     if tok.pad_token_id is None:
@@ -66,7 +67,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False) -> torch.nn.Module:
     """A causal LM through ``from_pretrained`` (hub id or local folder)."""
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name_or_path), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
 
 
 class _Timers:

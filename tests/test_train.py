@@ -1,0 +1,95 @@
+"""End to end: `gkd train` on the tiny recipe, gradient accumulation and 2-process equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gkd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_recipe_trains_and_loss_decreases(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", TINY, f"output_dir={out}", "progress_bar=false"]) == 0
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    for key in ("loss", "on_policy", "completion_len_mean", "lr", "tokens_per_s", "time_rollout", "time_score",
+                "time_update"):
+        assert key in rows[0]
+    assert {r["on_policy"] for r in rows} == {0, 1}  # λ=0.5 mixes both kinds of steps
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert (out / "config.yaml").exists()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert AutoTokenizer.from_pretrained(out / "final").eos_token == "<eos>"
+    assert model.config.model_type == "qwen2"
+
+
+@pytest.mark.parametrize("lmbda", ["0.0", "1.0"])
+def test_lambda_endpoints(tmp_path, lmbda):
+    out = tmp_path / "run"
+    assert main(["train", TINY, f"output_dir={out}", f"lmbda={lmbda}", "max_steps=3", "progress_bar=false",
+                 "save_final_model=false"]) == 0
+    assert {r["on_policy"] for r in _metrics(out)} == {int(float(lmbda))}
+
+
+def test_seq_kd_and_kd_objectives_run(tmp_path):
+    for extra in (["seq_kd=true", "lmbda=0"], ["divergence=kd", "kd_weight=0.5"], ["reduction=sequence_mean"]):
+        out = tmp_path / "_".join(extra).replace("=", "-")
+        assert main(["train", TINY, f"output_dir={out}", "max_steps=2", "progress_bar=false",
+                     "save_final_model=false", *extra]) == 0
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(out))
+
+
+def test_config_errors_exit_nonzero_with_one_line(tmp_path, capsys):
+    assert main(["train", TINY, "lamda=0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean 'lmbda'" in err
+
+
+def test_checkpoint_is_written_with_completed_marker(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", TINY, f"output_dir={out}", "max_steps=2", "save_steps=2", "progress_bar=false",
+                 "save_final_model=false"]) == 0
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "COMPLETED").exists() and (ckpt / "trainer_state.json").exists()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+
+
+def _launch(nproc: int, out: Path, *overrides: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(nproc),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "gkd.cli", "train", TINY, f"output_dir={out}", "progress_bar=false", "save_final_model=false",
+           *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _metrics(out)
+
+
+def test_two_processes_equal_one_process_with_gradient_accumulation(tmp_path):
+    """2 ranks × 1 micro-batch == 1 rank × 2 accumulated micro-batches: same samples per step, same
+    global-token-mean loss, so the same λ draws and per-step losses (off- and on-policy steps)."""
+    common = ["max_steps=4", "per_device_batch_size=4", "lmbda=0.0"]
+    one = _launch(1, tmp_path / "one", *common, "gradient_accumulation_steps=2")
+    two = _launch(2, tmp_path / "two", *common, "gradient_accumulation_steps=1")
+    assert [r["on_policy"] for r in one] == [r["on_policy"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["completion_len_mean"] == pytest.approx(b["completion_len_mean"])
