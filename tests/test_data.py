@@ -73,7 +73,7 @@ def test_collate_pads_prompts_left_and_references_right(tokenizer):
     rows = [{"prompt": "<bos>1+2=", "completion": "30"}, {"prompt": "<bos>1234+1=", "completion": "203040"}]
     ds = PromptDataset(rows, tokenizer, max_prompt_length=64, max_new_tokens=16)
     batch = collate([ds[0], ds[1]], tokenizer.pad_token_id)
-    assert batch["prompt_mask"][0].tolist() == [False] * 4 + [True] * 5
+    assert batch["prompt_mask"][0].tolist() == [False] * 3 + [True] * 5
     assert batch["reference_mask"].sum(1).tolist() == [3, 7]
     r = reference_rollout(batch)
     assert not r.on_policy and r.is_reference and r.num_tokens == 10

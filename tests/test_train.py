@@ -73,8 +73,11 @@ def test_checkpoint_is_written_with_completed_marker(tmp_path):
 
 
 def _launch(nproc: int, out: Path, *overrides: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(nproc),
+    # accelerate runs several CPU processes (gloo) when launched like multi-GPU with ACCELERATE_USE_CPU set;
+    # plain `--cpu --num_processes 2` starts only one process.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "ACCELERATE_USE_CPU": "true"}
+    mode = ["--multi_gpu"] if nproc > 1 else ["--cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(nproc),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "gkd.cli", "train", TINY, f"output_dir={out}", "progress_bar=false", "save_final_model=false",
            *overrides]
