@@ -37,8 +37,8 @@ class GKDConfig:
     """Everything one distillation run needs. Field names follow DESIGN's coefficient names."""
 
     # --- models and data ---
-    teacher: str | None = _f(None, "Teacher: Hugging Face id or local folder. May be empty only for pure SFT (divergence=kd, kd_weight=0, lmbda=0).")
-    student: str = _f("", "Student to train: Hugging Face id or local folder (its tokenizer is used).")
+    teacher: str | None = _f(None, "Teacher: Hugging Face id, local folder, or builtin:tiny-teacher (random-init, offline). May be empty only for pure SFT (divergence=kd, kd_weight=0, lmbda=0).")
+    student: str = _f("", "Student to train: Hugging Face id, local folder, or builtin:tiny-student (its tokenizer is used).")
     dataset: str = _f("builtin:addition", "Training prompts: 'builtin:addition' (the built-in task) or a local JSONL file.")
     dataset_format: str = _f("auto", "JSONL row format: 'prompt_completion' ({prompt, completion}), 'messages' (chat; last assistant turn is the reference) or 'auto'.")
     num_train_examples: int = _f(20000, "builtin:addition only: number of training problems generated.")

@@ -1,0 +1,35 @@
+"""Generates ``docs/recipes.md`` from the config dataclass, so the field reference never drifts.
+
+Run ``python -m gkd.docs_gen > docs/recipes.md``; a test checks the file is current.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from gkd.config import GKDConfig
+
+HEADER = """# Recipe fields
+
+A recipe is a YAML mapping of these fields; any field can also be given on the command line as
+`key=value` (parsed as YAML: `lmbda=1`, `seq_kd=true`, `teacher=null`). Unknown keys are errors
+that name the closest valid key. This page is generated from `gkd/config.py`
+(`python -m gkd.docs_gen > docs/recipes.md`); `gkd train --help-config` prints the same.
+
+| field | default | meaning |
+|---|---|---|
+"""
+
+
+def render() -> str:
+    rows = []
+    for f in dataclasses.fields(GKDConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{json.dumps(default)}` | {help_text} |")
+    return HEADER + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
