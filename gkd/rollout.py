@@ -53,7 +53,9 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, L) bool, True up to and including EOS
     on_policy: bool = False  # sampled from the student (True) or reference / teacher text (False)
     is_reference: bool = False  # completions are dataset references (CE targets for classic KD)
-    sampled_logprobs: torch.Tensor | None = None  # (B, L) fp32 log q_old(y_t) under the sampling distribution
+    sampled_logprobs: torch.Tensor | None = None  # (B, L) fp32 log q_old(y_t), student's (processed) distribution
+    teacher_logprobs: torch.Tensor | None = None  # (B, L) fp32 log p(y_t), teacher-mixed sampling only
+    mixed_logprobs: torch.Tensor | None = None  # (B, L) fp32 log p̃(y_t) of the distribution actually sampled
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + L)
@@ -110,8 +112,16 @@ def sample(
     vocab_size: int | None = None,
     generator: torch.Generator | None = None,
     all_ranks_done: Callable[[bool], bool] | None = None,
+    teacher: torch.nn.Module | None = None,
+    teacher_mix: float = 0.0,
 ) -> Rollout:
     """Sample a completion for each left-padded prompt with a KV cache.
+
+    With a ``teacher``, this is MiniLLM's teacher-mixed sampling: both models advance together,
+    each with its own KV cache, the same logits processors are applied to both, and the next
+    token is drawn from ``p̃ = teacher_mix·p + (1−teacher_mix)·q`` (mixed in probability space).
+    ``log q_old(y_t)``, ``log p(y_t)`` and ``log p̃(y_t)`` are stored per token, so importance
+    weights need no recomputation. ``teacher_mix=0`` draws exactly what the plain sampler draws.
 
     A sequence stops at its first EOS (kept in ``completion_mask``); later positions hold
     ``pad_token_id`` and are masked. The loop stops as soon as every sequence has finished, or,
@@ -119,56 +129,88 @@ def sample(
     stepping so that parameter gathers stay matched. ``vocab_size`` slices logits to the
     tokenizer's length (padded embedding rows are never sampled).
     """
+    if not 0.0 <= teacher_mix <= 1.0:
+        raise ValueError(f"teacher_mix must be in [0, 1], got {teacher_mix}")
     was_training = model.training
     model.eval()
+    if teacher is not None:
+        teacher.eval()
     device = prompt_ids.device
     batch = prompt_ids.shape[0]
     eos = _as_id_tensor(eos_token_id, device)
     procs = build_logits_processors(params)
     attention = prompt_mask.long()
     positions = position_ids_from_mask(attention)
+    student_step = _Decoder(model, vocab_size)
+    teacher_step = _Decoder(teacher, vocab_size) if teacher is not None else None
 
-    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-    cache = out.past_key_values
-    next_logits = out.logits[:, -1, :vocab_size]
+    s_logits = student_step(prompt_ids, attention, positions)
+    t_logits = teacher_step(prompt_ids, attention, positions) if teacher_step else None
     next_pos = positions[:, -1:] + 1
 
-    tokens, logprobs, masks = [], [], []
+    tokens, masks, q_logps, p_logps, mix_logps = [], [], [], [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = prompt_ids
     for _ in range(params.max_new_tokens):
-        scores = procs(generated, next_logits.float())
-        logp = torch.log_softmax(scores, dim=-1)
+        q_logp = torch.log_softmax(procs(generated, s_logits.float()), dim=-1)
+        probs = q_logp.exp()
+        p_logp = None
+        if t_logits is not None:
+            p_logp = torch.log_softmax(procs(generated, t_logits.float()), dim=-1)
+            if teacher_mix > 0:
+                probs = teacher_mix * p_logp.exp() + (1.0 - teacher_mix) * probs
         if params.do_sample:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
-            tok = logp.argmax(-1)
+            tok = probs.argmax(-1)
         alive = ~finished
         tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
         tokens.append(tok)
         masks.append(alive)
-        logprobs.append(torch.where(alive, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0))
+        q_logps.append(_gather_alive(q_logp, tok, alive))
+        if p_logp is not None:
+            p_logps.append(_gather_alive(p_logp, tok, alive))
+            mix_logps.append(_gather_alive(probs.log(), tok, alive))
         finished = finished | torch.isin(tok, eos)
         done = bool(finished.all())
         if (all_ranks_done(done) if all_ranks_done is not None else done) or len(tokens) == params.max_new_tokens:
             break
         generated = torch.cat([generated, tok[:, None]], dim=1)
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        out = model(
-            input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos, past_key_values=cache, use_cache=True
-        )
-        cache = out.past_key_values
-        next_logits = out.logits[:, -1, :vocab_size]
+        s_logits = student_step(tok[:, None], attention, next_pos)
+        if teacher_step is not None:
+            t_logits = teacher_step(tok[:, None], attention, next_pos)
         next_pos = next_pos + 1
 
     if was_training:
         model.train()
-    completion_mask = torch.stack(masks, dim=1)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask.bool(),
         completion_ids=torch.stack(tokens, dim=1),
-        completion_mask=completion_mask,
+        completion_mask=torch.stack(masks, dim=1),
         on_policy=True,
-        sampled_logprobs=torch.stack(logprobs, dim=1),
+        sampled_logprobs=torch.stack(q_logps, dim=1),
+        teacher_logprobs=torch.stack(p_logps, dim=1) if p_logps else None,
+        mixed_logprobs=torch.stack(mix_logps, dim=1) if mix_logps else None,
     )
+
+
+def _gather_alive(logp: torch.Tensor, tok: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """``logp[b, tok[b]]`` for live rows, 0 for finished ones."""
+    return torch.where(alive, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0)
+
+
+class _Decoder:
+    """One model's incremental decoding state: its KV cache, returning next-token logits ``(B, V)``."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None):
+        self.model, self.vocab_size, self.cache = model, vocab_size, None
+
+    def __call__(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        return out.logits[:, -1, : self.vocab_size]

@@ -1,0 +1,221 @@
+"""MiniLLM: teacher-mixed sampling and every loss term against float64 brute force (DESIGN §1.3)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from gkd.losses import (
+    importance_weights,
+    minillm_returns,
+    minillm_rewards,
+    policy_gradient_loss,
+    ppo_clipped_loss,
+    single_step_reverse_kl,
+    whiten,
+)
+from gkd.rollout import SamplingParams, sample
+
+
+class FixedLM(torch.nn.Module):
+    """Same next-token logits at every position, whatever the input."""
+
+    def __init__(self, logits: list[float]):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, **kw):
+        b, t = input_ids.shape
+        return SimpleNamespace(logits=self.logits.expand(b, t, -1).clone(), past_key_values=None)
+
+
+# --- teacher-mixed sampling ------------------------------------------------------------------
+
+
+def test_teacher_mixed_sampling_draws_from_the_mixture_chi_square():
+    q_logits, p_logits, mix = [2.0, 0.0, -1.0, 1.0, 0.5], [-1.0, 2.5, 0.0, 0.0, -3.0], 0.3
+    student, teacher = FixedLM(q_logits), FixedLM(p_logits)
+    n = 20000
+    ids, mask = torch.full((n, 2), 1), torch.ones(n, 2, dtype=torch.bool)
+    r = sample(student, ids, mask, SamplingParams(max_new_tokens=1), eos_token_id=99, pad_token_id=0,
+               generator=torch.Generator().manual_seed(0), teacher=teacher, teacher_mix=mix)
+    q, p = torch.softmax(torch.tensor(q_logits, dtype=torch.float64), -1), torch.softmax(torch.tensor(p_logits, dtype=torch.float64), -1)
+    expected = (mix * p + (1 - mix) * q) * n
+    counts = torch.bincount(r.completion_ids[:, 0], minlength=5).double()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 18.47  # df=4, p=0.001
+    # the student alone would be rejected: the test has power
+    chi2_student = float(((counts - q * n) ** 2 / (q * n)).sum())
+    assert chi2_student > 100
+    # stored per-token log-probs are log q, log p and log p̃ of the drawn token
+    tok = r.completion_ids[:, 0]
+    torch.testing.assert_close(r.sampled_logprobs[:, 0].double(), q.log()[tok], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.teacher_logprobs[:, 0].double(), p.log()[tok], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.mixed_logprobs[:, 0].double(), (mix * p + (1 - mix) * q).log()[tok], rtol=1e-5, atol=1e-5)
+
+
+def test_processors_apply_to_both_models_before_mixing():
+    """With top-k=1 each model is a point mass on its argmax: the mixture only ever draws those two."""
+    student, teacher = FixedLM([3.0, 0.0, 0.0, 0.0]), FixedLM([0.0, 0.0, 3.0, 0.0])
+    ids, mask = torch.full((4000, 1), 1), torch.ones(4000, 1, dtype=torch.bool)
+    r = sample(student, ids, mask, SamplingParams(max_new_tokens=1, top_k=1), eos_token_id=99, pad_token_id=0,
+               generator=torch.Generator().manual_seed(1), teacher=teacher, teacher_mix=0.25)
+    counts = torch.bincount(r.completion_ids[:, 0], minlength=4)
+    assert counts[1] == counts[3] == 0
+    assert abs(counts[2].item() / 4000 - 0.25) < 0.03
+
+
+def test_teacher_mix_zero_equals_the_plain_sampler(tokenizer):
+    student, teacher = tiny_model(tokenizer, hidden=32, seed=1), tiny_model(tokenizer, hidden=64, seed=2)
+    enc = tokenizer(["<bos>12+34=", "<bos>5+6=", "<bos>987+1="], add_special_tokens=False, padding=True,
+                    return_tensors="pt")
+    kw = dict(eos_token_id=2, pad_token_id=0, vocab_size=len(tokenizer))
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.95)
+    plain = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3), **kw)
+    mixed = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3),
+                   teacher=teacher, teacher_mix=0.0, **kw)
+    assert torch.equal(plain.completion_ids, mixed.completion_ids)
+    assert torch.equal(plain.completion_mask, mixed.completion_mask)
+    torch.testing.assert_close(plain.sampled_logprobs, mixed.sampled_logprobs)
+    torch.testing.assert_close(mixed.mixed_logprobs, mixed.sampled_logprobs)  # p̃ = q when mix = 0
+    assert mixed.teacher_logprobs is not None and plain.teacher_logprobs is None
+
+
+def test_teacher_logprobs_from_sampling_match_a_teacher_forward(tokenizer):
+    """log p(y_t) kept from teacher-mixed sampling equals a separate teacher scoring pass."""
+    from gkd.scorer import completion_logits
+
+    student, teacher = tiny_model(tokenizer, hidden=32, seed=4), tiny_model(tokenizer, hidden=64, seed=5)
+    enc = tokenizer(["<bos>12+34=", "<bos>5+6="], add_special_tokens=False, padding=True, return_tensors="pt")
+    r = sample(student, enc.input_ids, enc.attention_mask, SamplingParams(8), eos_token_id=2, pad_token_id=0,
+               generator=torch.Generator().manual_seed(6), teacher=teacher, teacher_mix=0.5)
+    with torch.no_grad():
+        ref = torch.log_softmax(completion_logits(teacher, r).float(), -1).gather(-1, r.completion_ids[..., None])[..., 0]
+    m = r.completion_mask
+    torch.testing.assert_close(r.teacher_logprobs[m], ref[m], rtol=1e-4, atol=1e-4)
+
+
+# --- returns ---------------------------------------------------------------------------------
+
+R = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, -2.0, 9.0, 9.0]])
+M = torch.tensor([[True, True, True, False], [True, True, False, False]])
+
+
+def test_returns_paper_form_hand_worked():
+    got = minillm_returns(R, M)
+    assert got.tolist() == [[2.5, 3.0, 0.0, 0.0], [-2.0, 0.0, 0.0, 0.0]]
+
+
+def test_returns_including_current_hand_worked():
+    got = minillm_returns(R, M, include_current=True)
+    assert got.tolist() == [[2.0, 2.5, 3.0, 0.0], [1.0, -2.0, 0.0, 0.0]]
+
+
+def test_returns_discounted_and_unnormalized_hand_worked():
+    assert minillm_returns(R, M, gamma=0.5).tolist() == [[1.75, 3.0, 0.0, 0.0], [-2.0, 0.0, 0.0, 0.0]]
+    assert minillm_returns(R, M, length_normalized=False).tolist() == [[5.0, 3.0, 0.0, 0.0], [-2.0, 0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+@pytest.mark.parametrize("include_current", [False, True])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_returns_match_float64_brute_force(gamma, include_current, normalized):
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(4, 7, generator=g)
+    lengths = [7, 3, 1, 5]
+    mask = torch.tensor([[i < n for i in range(7)] for n in lengths])
+    got = minillm_returns(rewards, mask, gamma=gamma, include_current=include_current, length_normalized=normalized)
+    for b, n in enumerate(lengths):
+        for t in range(7):
+            if t >= n:
+                assert got[b, t] == 0
+                continue
+            first = t if include_current else t + 1
+            terms = [gamma ** (j - first) * float(rewards[b, j]) for j in range(first, n)]
+            want = sum(terms) / max(len(terms), 1) if normalized else sum(terms)
+            assert math.isclose(float(got[b, t]), want, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_rewards_are_log_ratio_and_masked():
+    p = torch.tensor([[-1.0, -2.0, -3.0]])
+    q = torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[True, True, False]])
+    assert minillm_rewards(p, q, mask).tolist() == [[0.5, -1.0, 0.0]]
+    assert minillm_rewards(p, q, mask, scale=2.0).tolist() == [[1.0, -2.0, 0.0]]
+
+
+def test_whitening_uses_only_unmasked_values_and_global_moments():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
+    m = torch.tensor([[True, True, False], [True, True, False]])
+    w = whiten(x, m)
+    vals = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    want = (vals - vals.mean()) / vals.std(unbiased=False)
+    torch.testing.assert_close(w[m].double(), want, rtol=1e-5, atol=1e-5)
+    assert (w[~m] == 0).all()
+    # moments summed over two "ranks" give the same result as whitening the union
+    from gkd.losses import masked_moments
+
+    moments = masked_moments(x[:1], m[:1]) + masked_moments(x[1:], m[1:])
+    torch.testing.assert_close(torch.cat([whiten(x[:1], m[:1], moments), whiten(x[1:], m[1:], moments)]), w)
+
+
+# --- loss terms ------------------------------------------------------------------------------
+
+
+def test_ppo_clipped_loss_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    logq = torch.randn(3, 5, generator=g) * 0.3 - 1.0
+    logmix = torch.randn(3, 5, generator=g) * 0.3 - 1.0
+    adv = torch.randn(3, 5, generator=g)
+    got = ppo_clipped_loss(logq, logmix, adv, clip_eps=0.2)
+    for b in range(3):
+        for t in range(5):
+            rho = math.exp(float(logq[b, t]) - float(logmix[b, t]))
+            a = float(adv[b, t])
+            want = max(-a * rho, -a * min(max(rho, 0.8), 1.2))
+            assert math.isclose(float(got[b, t]), want, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_ratio_factorises_into_policy_ratio_times_importance_weight():
+    g = torch.Generator().manual_seed(2)
+    logq, logold, logmix = (torch.randn(2, 4, generator=g) for _ in range(3))
+    w = importance_weights(logold, logmix)
+    adv = torch.ones(2, 4)  # positive advantage, unclipped region picks -ρ where ρ < 1.2
+    rho = torch.exp(logq - logold) * w
+    got = ppo_clipped_loss(logq, logmix, adv, clip_eps=1e9)
+    torch.testing.assert_close(got, -rho)
+
+
+def test_single_step_term_is_exact_reverse_kl_with_autograd_gradient():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 3, 6, generator=g)
+    t = torch.randn(2, 3, 6, generator=g)
+    w = torch.rand(2, 3, generator=g) + 0.5
+    s32 = s.clone().requires_grad_()
+    single_step_reverse_kl(s32, t, weights=w).sum().backward()
+    s64 = s.double().requires_grad_()
+    q = torch.softmax(s64, -1)
+    p = torch.softmax(t.double(), -1)
+    ref = ((q * (q.log() - p.log())).sum(-1) * w.double()).sum()
+    ref.backward()
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    val = single_step_reverse_kl(s, t)
+    torch.testing.assert_close(val.double(), (q * (q.log() - p.log())).sum(-1).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_policy_gradient_loss_gradient_is_reinforce():
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    ids = torch.tensor([[1, 2, 3], [0, 4, 4]])
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+    adv = torch.tensor([0.5, -2.0])
+    policy_gradient_loss(logp, adv).sum().backward()
+    g = logits.grad.clone()
+    logits.grad = None
+    logp2 = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+    (-(adv[:, None] * logp2).sum()).backward()
+    torch.testing.assert_close(g, logits.grad)
