@@ -48,6 +48,9 @@ class GKDConfig:
     student_dtype: str = _f("float32", "Student weights dtype: float32 | bfloat16 | float16 (use mixed_precision for AMP).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model folders.")
 
+    # --- algorithm ---
+    algorithm: str = _f("gkd", "gkd (generalized KD, Agarwal et al. 2024) or minillm (reverse-KL policy gradient, Gu et al. 2024).")
+
     # --- GKD algorithm (DESIGN §1.2) ---
     lmbda: float = _f(0.5, "λ: probability that an optimizer step is on-policy (completions sampled from the student). 0 = supervised KD, 1 = fully on-policy.")
     divergence: str = _f("jsd", f"Token-level divergence: one of {', '.join(sorted(DIVERGENCES))}.")
@@ -57,6 +60,28 @@ class GKDConfig:
     loss_temperature: float = _f(1.0, "Temperature τ applied to both models' logits inside the divergence.")
     reduction: str = _f("token_mean", f"Loss reduction: {' | '.join(REDUCTIONS)} (token_mean over the global batch of the optimizer step).")
     seq_kd: bool = _f(False, "Off-policy steps use the teacher's own samples instead of dataset references (SeqKD).")
+
+    # --- MiniLLM (DESIGN §1.3) ---
+    teacher_mix: float = _f(0.2, "minillm: share of the teacher in the sampling mixture p̃ = mix·p + (1−mix)·q (paper α).")
+    num_rollouts: int = _f(64, "minillm: completions collected (over all processes) before the PPO epochs over them.")
+    ppo_epochs: int = _f(4, "minillm: passes of minibatch updates over each rollout buffer.")
+    clip_eps: float = _f(0.2, "minillm: PPO clipping ε of ρ = q_θ/p̃.")
+    gamma: float = _f(1.0, "minillm: discount γ inside the long-term return (paper 1.0; the original code uses 0.95).")
+    include_current_reward: bool = _f(False, "minillm: the return at t includes r_t itself (original code) instead of only later tokens (paper eq. 6).")
+    length_normalization: bool = _f(True, "minillm: divide the long-term return by the number of its terms (paper eq. 6; off = ablation).")
+    reward_scale: float = _f(1.0, "minillm: multiply the per-token reward log p − log q_old by this.")
+    whiten_advantages: bool = _f(True, "minillm: whiten the long-term advantages over the global rollout buffer (original code).")
+    single_step_weighted: bool = _f(False, "minillm: weight the single-step KL by the importance weight w_t (paper eq. 7; the original code does not).")
+    single_step_coef: float = _f(1.0, "minillm: coefficient of the single-step KL term (0 disables it).")
+    lm_dataset: str | None = _f(None, "minillm: optional pretraining/SFT JSONL ({prompt, completion} or {text}) for an extra LM loss.")
+    lm_coef: float = _f(0.0, "minillm: coefficient of the LM loss on lm_dataset.")
+
+    # --- reward term (GKD eq. 5) ---
+    reward_funcs: list[str] = _f([], "Reward functions 'package.module:function' or 'file.py:function' with TRL's signature fn(prompts, completions, **kwargs).")
+    reward_weights: list[float] = _f([], "One weight per reward function (default 1.0 each).")
+    alpha: float = _f(1.0, "α of GKD eq. 5: objective (1−α)·E[r] − α·D. 1 = pure distillation (rewards only logged).")
+    num_generations: int = _f(1, "gkd: completions sampled per prompt on on-policy steps (>1 enables the per-prompt group baseline).")
+    reward_baseline: str = _f("batch", "Baseline of the reward policy gradient: batch (mean over the step's samples) or group (mean over a prompt's num_generations samples).")
 
     # --- sampling ---
     max_new_tokens: int = _f(64, "Maximum completion length in tokens (sampled or reference).")
@@ -109,11 +134,23 @@ class GKDConfig:
             (self.save_steps >= 0, "save_steps", "must be >= 0"),
             (self.num_train_examples > 0, "num_train_examples", "must be > 0"),
             (1 <= self.max_digits <= 12, "max_digits", "must be in [1, 12]"),
+            (0.0 <= self.teacher_mix <= 1.0, "teacher_mix", "must be in [0, 1]"),
+            (self.num_rollouts > 0, "num_rollouts", "must be > 0"),
+            (self.ppo_epochs > 0, "ppo_epochs", "must be > 0"),
+            (self.clip_eps > 0, "clip_eps", "must be > 0"),
+            (0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]"),
+            (self.reward_scale > 0, "reward_scale", "must be > 0"),
+            (self.single_step_coef >= 0, "single_step_coef", "must be >= 0"),
+            (self.lm_coef >= 0, "lm_coef", "must be >= 0"),
+            (0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]"),
+            (self.num_generations > 0, "num_generations", "must be > 0"),
         ]
         for ok, name, why in checks:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} {why}")
         choices = {
+            "algorithm": ["gkd", "minillm"],
+            "reward_baseline": ["batch", "group"],
             "divergence": sorted(DIVERGENCES),
             "reduction": list(REDUCTIONS),
             "dataset_format": ["auto", "prompt_completion", "messages"],
@@ -126,6 +163,18 @@ class GKDConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(valid)}")
         if not self.student:
             raise ConfigError("student is required: a Hugging Face id or a local model folder")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(
+                f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has {len(self.reward_funcs)}"
+            )
+        if self.alpha < 1.0 and not self.reward_funcs:
+            raise ConfigError(f"alpha={self.alpha} < 1 weights a reward term, but reward_funcs is empty")
+        if self.reward_baseline == "group" and self.num_generations < 2:
+            raise ConfigError("reward_baseline=group needs num_generations >= 2 samples per prompt")
+        if self.lm_coef > 0 and not self.lm_dataset:
+            raise ConfigError(f"lm_coef={self.lm_coef} needs lm_dataset")
+        if self.algorithm == "minillm" and self.is_pure_sft:
+            raise ConfigError("algorithm=minillm needs a teacher")
         if not self.teacher and not self.is_pure_sft:
             raise ConfigError(
                 "teacher is required (only pure SFT, i.e. divergence=kd with kd_weight=0 and lmbda=0, runs without one)"
@@ -134,7 +183,8 @@ class GKDConfig:
     @property
     def is_pure_sft(self) -> bool:
         """Cross-entropy on reference completions only: no teacher needed."""
-        return self.divergence == "kd" and self.kd_weight == 0.0 and self.lmbda == 0.0 and not self.seq_kd
+        return (self.algorithm == "gkd" and self.divergence == "kd" and self.kd_weight == 0.0 and self.lmbda == 0.0
+                and not self.seq_kd)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,6 +221,13 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{name}={value!r} has the wrong type")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]  # a single value on the command line
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}={value!r} must be a list")
+        return [_coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value

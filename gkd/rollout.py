@@ -56,6 +56,11 @@ class Rollout:
     sampled_logprobs: torch.Tensor | None = None  # (B, L) fp32 log q_old(y_t), student's (processed) distribution
     teacher_logprobs: torch.Tensor | None = None  # (B, L) fp32 log p(y_t), teacher-mixed sampling only
     mixed_logprobs: torch.Tensor | None = None  # (B, L) fp32 log p̃(y_t) of the distribution actually sampled
+    # filled by the trainer after sampling:
+    rows: list[dict] | None = None  # (B,) dataset rows (prompt text, extra columns for reward functions)
+    rewards: torch.Tensor | None = None  # (B,) user reward, weighted sum over reward functions
+    reward_mask: torch.Tensor | None = None  # (B,) bool, False where no function gave a reward
+    advantages: torch.Tensor | None = None  # (B,) GKD reward term or (B, L) MiniLLM long-term advantage
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + L)
@@ -71,11 +76,12 @@ class Rollout:
         return int(self.completion_mask.sum())
 
     def to(self, device: torch.device | str) -> Rollout:
-        moved = {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-            for k, v in self.__dict__.items()
-        }
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return replace(self, **moved)
+
+    @property
+    def last_token_index(self) -> torch.Tensor:  # (B,) index of each sequence's last real token (0 if empty)
+        return (self.completion_mask.long().sum(-1) - 1).clamp(min=0)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,21 @@
-"""The GKD trainer (Agarwal et al. 2024, Algorithm 1) on accelerate. Orchestration only.
+"""The trainer: GKD (Agarwal et al. 2024, Algorithm 1) and MiniLLM (Gu et al. 2024) on accelerate.
 
-One optimizer step reads top to bottom::
+Orchestration only. A GKD optimizer step reads top to bottom::
 
     on_policy = coin(λ)                        # once per step, rank 0, broadcast
     rollouts  = [rollout(b) for b in micro-batches]   # student samples | references | teacher samples
-    N         = global number of completion tokens    # all micro-batches, all ranks
-    for each micro-batch:  score (teacher logits) → loss (sum / N) → backward
-    optimizer step → log → maybe save
+    rewards   = user reward functions (optional, GKD eq. 5)
+    optimize(rollouts):                        # shared by both algorithms
+        N = global number of completion tokens # all micro-batches, all ranks
+        for each micro-batch: score (teacher logits) → loss (sum / N) → backward
+        optimizer step
+    log → maybe save
 
-The maths lives in :mod:`gkd.losses`, sampling in :mod:`gkd.rollout`, teacher scoring in
-:mod:`gkd.scorer`, cross-rank agreement in :mod:`gkd.distributed`.
+A MiniLLM iteration collects ``num_rollouts`` teacher-mixed samples, turns per-token rewards into
+length-normalised returns (whitened over the global buffer), then runs ``ppo_epochs`` passes of
+``optimize`` over the buffer. The maths lives in :mod:`gkd.losses`, sampling in :mod:`gkd.rollout`,
+teacher scoring in :mod:`gkd.scorer`, rewards in :mod:`gkd.rewards`, cross-rank agreement in
+:mod:`gkd.distributed`.
 """
 
 from __future__ import annotations
@@ -35,7 +41,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from gkd import distributed
 from gkd.config import GKDConfig
 from gkd.data import PromptDataset, collate, load_rows, reference_rollout
-from gkd.losses import distillation_loss_per_token, masked_sum_and_count
+from gkd.losses import (
+    distillation_loss_per_token,
+    importance_weights,
+    kd_per_token,
+    masked_moments,
+    masked_sum_and_count,
+    minillm_returns,
+    minillm_rewards,
+    policy_gradient_loss,
+    ppo_clipped_loss,
+    single_step_reverse_kl,
+    token_logprobs,
+    whiten,
+)
+from gkd.rewards import RewardFunctions
 from gkd.rollout import Rollout, SamplingParams, sample
 from gkd.scorer import check_tokenizers_match, completion_logits, output_vocab_size, score
 from gkd.task import resolve_model_path
@@ -90,7 +110,7 @@ class _Timers:
 
 
 class GKDTrainer:
-    """On-policy distillation of ``student`` towards ``teacher``.
+    """On-policy distillation of ``student`` towards ``teacher`` (``config.algorithm``: gkd | minillm).
 
     Models, tokenizer and rows may be passed in (Python API, notebooks); otherwise they are
     loaded from ``config.student`` / ``config.teacher`` / ``config.dataset``.
@@ -104,16 +124,18 @@ class GKDTrainer:
         teacher: torch.nn.Module | None = None,
         tokenizer: Any = None,
         train_rows: list[dict[str, Any]] | None = None,
+        lm_rows: list[dict[str, Any]] | None = None,
         accelerator: Accelerator | None = None,
     ) -> None:
         self.config = cfg = config
-        self.accelerator = accelerator or Accelerator(
+        self.accelerator = acc = accelerator or Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
             ),
         )
         set_seed(cfg.seed)
+        self._check_batch_arithmetic()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.student, cfg.trust_remote_code)
         student = student if student is not None else load_model(cfg.student, cfg.student_dtype, cfg.trust_remote_code)
         if teacher is None and not cfg.is_pure_sft:
@@ -132,120 +154,249 @@ class GKDTrainer:
         if teacher is not None:
             disable_dropout(teacher)
             teacher.requires_grad_(False).eval()
-            teacher.to(self.accelerator.device)
+            teacher.to(acc.device)
+        self.rewards = RewardFunctions.from_specs(cfg.reward_funcs, cfg.reward_weights or None)
 
-        rows = train_rows if train_rows is not None else load_rows(
-            cfg.dataset, self.tokenizer, dataset_format=cfg.dataset_format,
-            num_examples=cfg.num_train_examples, max_digits=cfg.max_digits, seed=cfg.seed,
-        )
-        dataset = PromptDataset(rows, self.tokenizer, max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=cfg.per_device_batch_size,
-            shuffle=True,
-            drop_last=True,
-            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        rows = train_rows if train_rows is not None else self._load_rows(cfg.dataset)
+        loader = self._loader(rows, cfg.seed)
+        lm_loader = None
+        if cfg.lm_coef > 0:
+            lm_loader = self._loader(lm_rows if lm_rows is not None else self._load_rows(cfg.lm_dataset), cfg.seed + 1)
         optimizer = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad],
             lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
         )
-        # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would
-        # step it once per process).
+        # Stepped by us once per optimizer step (a prepared scheduler steps once per process).
         self.scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
         )
-        self.student, self.optimizer, self.loader = self.accelerator.prepare(student, optimizer, loader)
+        self.student, self.optimizer, self.loader = acc.prepare(student, optimizer, loader)
+        self.lm_loader = acc.prepare(lm_loader) if lm_loader is not None else None
         self.teacher = teacher
         if len(self.loader) == 0:
             raise ValueError(
-                f"{len(dataset)} training rows give no full batch of per_device_batch_size={cfg.per_device_batch_size} "
-                f"on {self.accelerator.num_processes} process(es)"
+                f"{len(rows)} training rows give no full batch of per_device_batch_size={cfg.per_device_batch_size} "
+                f"on {acc.num_processes} process(es)"
             )
         self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
         self.coin = distributed.OnPolicyScheduler(cfg.lmbda, cfg.seed)
-        self.sample_generator = torch.Generator(self.accelerator.device).manual_seed(
-            cfg.seed + 1_000_003 * self.accelerator.process_index
-        )
+        self.sample_generator = torch.Generator(acc.device).manual_seed(cfg.seed + 1_000_003 * acc.process_index)
+        self.ppo_generator = torch.Generator().manual_seed(cfg.seed + 7)
         self.timers = _Timers()
         self.step = 0
-        self.epoch = 0
-        self._batches = self._batch_stream()
+        self.epochs = {"train": 0, "lm": 0}
+        self._batches = self._batch_stream(self.loader, "train")
+        self._lm_batches = self._batch_stream(self.lm_loader, "lm") if self.lm_loader is not None else None
         self.output_dir = Path(cfg.output_dir)
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
 
-    # --- phases -------------------------------------------------------------------------------
+    # --- setup helpers ----------------------------------------------------------------------
 
-    def _batch_stream(self) -> Iterator[dict[str, Any]]:
+    def _check_batch_arithmetic(self) -> None:
+        cfg, world = self.config, self.accelerator.num_processes
+        if cfg.algorithm != "minillm":
+            return
+        per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
+        if cfg.num_rollouts % per_step:
+            raise ValueError(
+                f"num_rollouts={cfg.num_rollouts} must be a multiple of per_device_batch_size × "
+                f"gradient_accumulation_steps × processes = {cfg.per_device_batch_size} × "
+                f"{cfg.gradient_accumulation_steps} × {world} = {per_step}"
+            )
+
+    def _load_rows(self, dataset: str | None) -> list[dict[str, Any]]:
+        cfg = self.config
+        return load_rows(dataset or "", self.tokenizer, dataset_format=cfg.dataset_format,
+                         num_examples=cfg.num_train_examples, max_digits=cfg.max_digits, seed=cfg.seed)
+
+    def _loader(self, rows: list[dict[str, Any]], seed: int) -> torch.utils.data.DataLoader:
+        cfg = self.config
+        dataset = PromptDataset(rows, self.tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                max_new_tokens=cfg.max_new_tokens)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.per_device_batch_size, shuffle=True, drop_last=True,
+            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def _batch_stream(self, loader: Any, name: str) -> Iterator[dict[str, Any]]:
         while True:
-            if hasattr(self.loader, "set_epoch"):
-                self.loader.set_epoch(self.epoch)
-            yield from self.loader
-            self.epoch += 1
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.epochs[name])
+            yield from loader
+            self.epochs[name] += 1
+
+    # --- rollout phase ------------------------------------------------------------------------
+
+    def _sample(self, batch: dict[str, Any], model: torch.nn.Module, **kw: Any) -> Rollout:
+        return sample(
+            model, batch["prompt_ids"], batch["prompt_mask"], self.sampling,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            vocab_size=self.vocab_size, generator=self.sample_generator,
+            all_ranks_done=distributed.all_ranks_done if distributed.is_distributed() else None, **kw,
+        )
 
     def rollout(self, batch: dict[str, Any], on_policy: bool) -> Rollout:
-        """Student samples (on-policy), teacher samples (``seq_kd``) or the dataset's references."""
+        """GKD: student samples (on-policy), teacher samples (``seq_kd``) or the dataset's references."""
         if not on_policy and not self.config.seq_kd:
-            return reference_rollout(batch)
-        model = self.accelerator.unwrap_model(self.student) if on_policy else self.teacher
-        rollout = sample(
-            model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.sampling,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            vocab_size=self.vocab_size,
-            generator=self.sample_generator,
-            all_ranks_done=distributed.all_ranks_done if distributed.is_distributed() else None,
-        )
-        rollout.on_policy = on_policy
+            rollout = reference_rollout(batch)
+        elif on_policy:
+            if self.config.num_generations > 1:
+                batch = _repeat_batch(batch, self.config.num_generations)
+            rollout = self._sample(batch, self.accelerator.unwrap_model(self.student))
+        else:
+            rollout = self._sample(batch, self.teacher)
+            rollout.on_policy = False
+        rollout.rows = batch["rows"]
         return rollout
 
-    def loss_terms(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of per-token losses, count) for one micro-batch; teacher scored here, student with grad."""
+    def mixed_rollout(self, batch: dict[str, Any]) -> Rollout:
+        """MiniLLM: teacher-mixed sampling, storing log q_old, log p and log p̃ per token."""
+        rollout = self._sample(batch, self.accelerator.unwrap_model(self.student), teacher=self.teacher,
+                               teacher_mix=self.config.teacher_mix)
+        rollout.rows = batch["rows"]
+        return rollout
+
+    def score_rewards(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """User reward functions on decoded completions (GKD eq. 5); fills ``rollout.rewards``."""
+        if not self.rewards:
+            return {}
+        metrics: dict[str, list[float]] = defaultdict(list)
+        for r in rollouts:
+            ids = [r.completion_ids[i][r.completion_mask[i]].tolist() for i in range(r.completion_ids.shape[0])]
+            prompts = [row["prompt"] for row in r.rows]  # type: ignore[union-attr]
+            completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            rewards, mask, parts = self.rewards(prompts, completions, ids, r.rows)  # type: ignore[arg-type]
+            r.rewards, r.reward_mask = rewards.to(r.completion_ids.device), mask.to(r.completion_ids.device)
+            for k, v in parts.items():
+                metrics[k].append(v)
+            metrics["reward"].extend(rewards[mask].tolist())
+        return {k: sum(v) / len(v) for k, v in metrics.items() if v}
+
+    def gkd_advantages(self, rollouts: list[Rollout]) -> None:
+        """``A_i = r_i − baseline``: mean over the step's rewarded samples on all ranks, or over a
+        prompt's ``num_generations`` samples (group)."""
+        cfg = self.config
+        if cfg.reward_baseline == "group":
+            for r in rollouts:
+                g = cfg.num_generations
+                rew = r.rewards.view(-1, g)  # type: ignore[union-attr]
+                m = r.reward_mask.view(-1, g).float()  # type: ignore[union-attr]
+                base = (rew * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+                r.advantages = ((rew - base) * m).view(-1)
+            return
+        total = distributed.all_reduce_sum(torch.stack([
+            sum((r.rewards * r.reward_mask).sum() for r in rollouts),  # type: ignore[operator]
+            sum(r.reward_mask.sum() for r in rollouts),  # type: ignore[union-attr]
+        ]).float().cpu())
+        base = float(total[0] / total[1].clamp(min=1.0))
+        for r in rollouts:
+            r.advantages = (r.rewards - base) * r.reward_mask  # type: ignore[operator]
+
+    def minillm_advantages(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """Per-token rewards → length-normalised long-term returns (MiniLLM eq. 6), user rewards at
+        the final token, whitened over the global buffer."""
+        cfg = self.config
+        token_reward_sum = torch.zeros(())
+        tokens = torch.zeros(())
+        for r in rollouts:
+            mask = r.completion_mask
+            kl_reward = minillm_rewards(r.teacher_logprobs, r.sampled_logprobs, mask, cfg.reward_scale)  # type: ignore[arg-type]
+            token_reward_sum += kl_reward.sum().cpu()
+            tokens += mask.sum().cpu()
+            total = cfg.alpha * kl_reward
+            if r.rewards is not None and cfg.alpha < 1.0:
+                final = torch.zeros_like(total)
+                final.scatter_(1, r.last_token_index[:, None], (r.rewards * r.reward_mask)[:, None].float())
+                total = total + (1.0 - cfg.alpha) * final * mask
+            r.advantages = minillm_returns(total, mask, gamma=cfg.gamma, include_current=cfg.include_current_reward,
+                                           length_normalized=cfg.length_normalization)
+        if cfg.whiten_advantages:
+            moments = distributed.all_reduce_sum(sum(masked_moments(r.advantages, r.completion_mask).cpu()
+                                                     for r in rollouts))
+            for r in rollouts:
+                r.advantages = whiten(r.advantages, r.completion_mask, moments.to(r.advantages.device))  # type: ignore[arg-type]
+        glob = distributed.all_reduce_sum(torch.stack([token_reward_sum, tokens]))
+        # mean of log p − log q_old over sampled tokens: minus a (mixture-sampled) reverse-KL estimate
+        return {"token_reward_mean": float(glob[0] / glob[1].clamp(min=1.0))}
+
+    # --- loss phase (per micro-batch; returns per-token tensors, "loss" is the objective) -----
+
+    def gkd_loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         cfg = self.config
         with self.timers("score"):
             teacher_logits = score(self.teacher, rollout, self.vocab_size).teacher_logits
         with self.timers("update"):
             student_logits = completion_logits(self.student, rollout, self.vocab_size)
-            per_token = distillation_loss_per_token(
-                student_logits,
-                teacher_logits,
-                divergence=cfg.divergence,
-                beta=cfg.beta,
-                skew=cfg.skew,
-                temperature=cfg.loss_temperature,
-                kd_weight=cfg.kd_weight,
+            div = distillation_loss_per_token(
+                student_logits, teacher_logits, divergence=cfg.divergence, beta=cfg.beta, skew=cfg.skew,
+                temperature=cfg.loss_temperature, kd_weight=cfg.kd_weight,
                 labels=None if rollout.on_policy else rollout.completion_ids,
             )
-            return masked_sum_and_count(per_token, rollout.completion_mask, cfg.reduction)
+            if cfg.alpha == 1.0 or not rollout.on_policy or rollout.advantages is None:
+                return {"loss": div, "divergence": div}
+            logq = token_logprobs(student_logits, rollout.completion_ids, cfg.temperature)
+            pg = policy_gradient_loss(logq, rollout.advantages)
+            return {"loss": cfg.alpha * div + (1.0 - cfg.alpha) * pg, "divergence": div, "reward_pg": pg}
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step: rollout → score → loss → backward → step."""
+    def minillm_loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        with self.timers("score"):
+            teacher_logits = score(self.teacher, rollout, self.vocab_size).teacher_logits
+        with self.timers("update"):
+            student_logits = completion_logits(self.student, rollout, self.vocab_size)
+            logq = token_logprobs(student_logits, rollout.completion_ids, cfg.temperature)
+            pg = ppo_clipped_loss(logq, rollout.mixed_logprobs, rollout.advantages, cfg.clip_eps)  # type: ignore[arg-type]
+            weights = importance_weights(rollout.sampled_logprobs, rollout.mixed_logprobs) \
+                if cfg.single_step_weighted else None  # type: ignore[arg-type]
+            single = single_step_reverse_kl(student_logits, teacher_logits, weights=weights,  # type: ignore[arg-type]
+                                            temperature=cfg.loss_temperature)
+            ratio = torch.exp(logq.detach() - rollout.sampled_logprobs)  # type: ignore[operator]
+            return {"loss": pg + cfg.alpha * cfg.single_step_coef * single, "pg": pg, "single_step": single,
+                    "ratio": ratio}
+
+    def lm_loss(self, rollout: Rollout) -> torch.Tensor:
+        """Per-token cross-entropy on an LM-dataset batch (MiniLLM's optional pretraining loss)."""
+        logits = completion_logits(self.student, rollout, self.vocab_size)
+        return kd_per_token(logits, None, rollout.completion_ids, kd_weight=0.0)
+
+    # --- optimisation (shared) ----------------------------------------------------------------
+
+    def optimize(self, rollouts: list[Rollout], loss_fn: Any) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        Every per-token term is summed per micro-batch and divided by the global number of
+        completion tokens of the step; accelerate divides by the accumulation steps and DDP /
+        DeepSpeed average over ranks, so the factor ``gas × world / N`` makes the gradient exactly
+        ``d(global sum / N)/dθ``.
+        """
         cfg, acc = self.config, self.accelerator
-        start = time.perf_counter()
-        on_policy = self.coin.draw()
-        batches = [next(self._batches) for _ in range(cfg.gradient_accumulation_steps)]
-        with self.timers("rollout"):
-            rollouts = [self.rollout(b, on_policy) for b in batches]
-        counts = [masked_sum_and_count(torch.zeros_like(r.completion_mask, dtype=torch.float32),
-                                       r.completion_mask, cfg.reduction)[1] for r in rollouts]
-        normalizer = distributed.all_reduce_sum(torch.stack(counts).sum()).clamp(min=1.0)
-        # accelerate divides by the accumulation steps and DDP/DeepSpeed average over ranks;
-        # this factor undoes both, so the gradient is d(global sum / N)/dθ.
-        scale = cfg.gradient_accumulation_steps * acc.num_processes / normalizer
-        loss_sum = torch.zeros((), device=acc.device)
+        norm = self._global_count(rollouts)
+        lm_rollouts = None
+        if self._lm_batches is not None:
+            lm_rollouts = [reference_rollout(next(self._lm_batches)) for _ in rollouts]
+            lm_norm = self._global_count(lm_rollouts)
+        scale = cfg.gradient_accumulation_steps * acc.num_processes
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
         grad_norm = None
-        for rollout in rollouts:
+        for i, rollout in enumerate(rollouts):
             with acc.accumulate(self.student):
-                total, _ = self.loss_terms(rollout)
+                terms = loss_fn(rollout)
                 with self.timers("update"):
-                    acc.backward(total * scale.to(total.device))
-                    loss_sum += total.detach()
+                    objective = torch.zeros((), device=acc.device)
+                    for name, per_token in terms.items():
+                        total, _ = masked_sum_and_count(per_token, rollout.completion_mask, cfg.reduction)
+                        sums[name] += total.detach()
+                        if name == "loss":
+                            objective = total / norm.to(total.device)
+                    if lm_rollouts is not None:
+                        lm_total, _ = masked_sum_and_count(self.lm_loss(lm_rollouts[i]), lm_rollouts[i].completion_mask,
+                                                           cfg.reduction)
+                        sums["lm"] += lm_total.detach() * norm.to(lm_total.device) / lm_norm.to(lm_total.device)
+                        objective = objective + cfg.lm_coef * lm_total / lm_norm.to(lm_total.device)
+                    acc.backward(objective * scale)
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
                         grad_norm = acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
                     self.optimizer.step()
@@ -253,28 +404,73 @@ class GKDTrainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
-
+        names = sorted(sums)
+        glob = distributed.all_reduce_sum(torch.stack([sums[n] for n in names]).float().cpu()) / norm.cpu()
+        metrics = {n: float(v) for n, v in zip(names, glob, strict=True)}
+        if lm_rollouts is not None:
+            metrics["loss"] += cfg.lm_coef * metrics["lm"]
         tokens = distributed.all_reduce_sum(torch.tensor(float(sum(r.num_tokens for r in rollouts))))
         seqs = distributed.all_reduce_sum(torch.tensor(float(sum(r.completion_ids.shape[0] for r in rollouts))))
-        loss = distributed.all_reduce_sum(loss_sum.cpu()) / normalizer.cpu()
-        elapsed = time.perf_counter() - start
-        times = self.timers.pop()
-        metrics = {
-            "step": self.step,
-            "loss": float(loss),
-            "on_policy": int(on_policy),
-            "completion_len_mean": float(tokens / seqs.clamp(min=1)),
-            "lr": float(lr),
-            "tokens_per_s": float(tokens) / max(elapsed, 1e-9),
-            "time_rollout": times.get("rollout", 0.0),
-            "time_score": times.get("score", 0.0),
-            "time_update": times.get("update", 0.0),
-            "time_step": elapsed,
-        }
+        metrics.update(step=self.step, lr=float(lr), completion_len_mean=float(tokens / seqs.clamp(min=1)),
+                       tokens=float(tokens))
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {self.step}")
+        return metrics
+
+    def _global_count(self, rollouts: list[Rollout]) -> torch.Tensor:
+        counts = [masked_sum_and_count(torch.zeros(r.completion_mask.shape), r.completion_mask.cpu(),
+                                       self.config.reduction)[1] for r in rollouts]
+        return distributed.all_reduce_sum(torch.stack(counts).sum()).clamp(min=1.0)
+
+    # --- one step / iteration -----------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """GKD: one optimizer step, rollout → (rewards) → score → loss → backward → step."""
+        cfg = self.config
+        start = time.perf_counter()
+        on_policy = self.coin.draw()
+        batches = [next(self._batches) for _ in range(cfg.gradient_accumulation_steps)]
+        with self.timers("rollout"):
+            rollouts = [self.rollout(b, on_policy) for b in batches]
+        reward_metrics = {}
+        if self.rewards and on_policy:
+            with self.timers("reward"):
+                reward_metrics = self.score_rewards(rollouts)
+                self.gkd_advantages(rollouts)
+        metrics = self.optimize(rollouts, self.gkd_loss)
+        metrics.update(reward_metrics, on_policy=int(on_policy))
+        return self._timing(metrics, start)
+
+    def minillm_iteration(self) -> Iterator[dict[str, float]]:
+        """MiniLLM: fill the rollout buffer, compute advantages, then ``ppo_epochs`` passes of updates."""
+        cfg, acc = self.config, self.accelerator
+        start = time.perf_counter()
+        n_micro = cfg.num_rollouts // (cfg.per_device_batch_size * acc.num_processes)
+        with self.timers("rollout"):
+            buffer = [self.mixed_rollout(next(self._batches)) for _ in range(n_micro)]
+        with self.timers("reward"):
+            shared = self.score_rewards(buffer)
+            shared.update(self.minillm_advantages(buffer))
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(n_micro, generator=self.ppo_generator).tolist()
+            for k in range(0, n_micro, cfg.gradient_accumulation_steps):
+                group = [buffer[i] for i in order[k : k + cfg.gradient_accumulation_steps]]
+                metrics = self.optimize(group, self.minillm_loss)
+                metrics.update(shared, on_policy=1, ppo_epoch=epoch)
+                yield self._timing(metrics, start)
+                start = time.perf_counter()
+                if self.step >= cfg.max_steps:
+                    return
+
+    def _timing(self, metrics: dict[str, float], start: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - start
+        times = self.timers.pop()
+        metrics["tokens_per_s"] = metrics.pop("tokens") / max(elapsed, 1e-9)
+        for phase in ("rollout", "reward", "score", "update"):
+            metrics[f"time_{phase}"] = times.get(phase, 0.0)
+        metrics["time_step"] = elapsed
         return metrics
 
     # --- outer loop ---------------------------------------------------------------------------
@@ -287,19 +483,20 @@ class GKDTrainer:
         if cfg.progress_bar and acc.is_main_process:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="gkd", dynamic_ncols=True)
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.algorithm, dynamic_ncols=True)
         self.student.train()
         while self.step < cfg.max_steps:
-            metrics = self.train_step()
-            history.append(metrics)
-            if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
-                self.log(metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", on_policy=metrics["on_policy"],
-                                tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if cfg.save_steps and self.step % cfg.save_steps == 0:
-                self.save_checkpoint()
+            steps = self.minillm_iteration() if cfg.algorithm == "minillm" else iter([self.train_step()])
+            for metrics in steps:
+                history.append(metrics)
+                if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                    self.log(metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", on_policy=metrics["on_policy"],
+                                    tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self.save_checkpoint()
         if bar is not None:
             bar.close()
         if cfg.save_final_model:
@@ -320,7 +517,7 @@ class GKDTrainer:
         acc.wait_for_everyone()
         acc.save_state(str(path))
         if acc.is_main_process:
-            state = {"step": self.step, "epoch": self.epoch, "coin": self.coin.state_dict()["generator"].tolist(),
+            state = {"step": self.step, "epochs": self.epochs, "coin": self.coin.state_dict()["generator"].tolist(),
                      "scheduler": self.scheduler.state_dict()}
             (path / "trainer_state.json").write_text(json.dumps(state))
             with open(path / "COMPLETED", "w") as fh:
@@ -340,3 +537,10 @@ class GKDTrainer:
             model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
         acc.wait_for_everyone()
+
+
+def _repeat_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """Each prompt ``n`` times in a row (``num_generations`` samples per prompt)."""
+    out = {k: v.repeat_interleave(n, dim=0) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    out["rows"] = [row for row in batch["rows"] for _ in range(n)]
+    return out
