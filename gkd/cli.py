@@ -35,7 +35,8 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gkd.demo import run_demo
 
-    run_demo(output_dir=args.output_dir, seed=args.seed, quick=args.quick, retrain_teacher=args.retrain_teacher)
+    run_demo(output_dir=args.output_dir, seed=args.seed, quick=args.quick, retrain_teacher=args.retrain_teacher,
+             algorithm=args.algorithm)
     return 0
 
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test version (seconds, no improvement expected)")
     demo.add_argument("--retrain-teacher", action="store_true", help="ignore the cached demo teacher")
+    demo.add_argument("--algorithm", choices=["gkd", "minillm"], default="gkd", help="distillation algorithm of phase 3")
     demo.set_defaults(func=_demo)
     return parser
 
@@ -67,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     from gkd.config import ConfigError
+    from gkd.rewards import RewardError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, RewardError) as e:
         print(f"gkd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -40,7 +40,7 @@ class GKDConfig:
     teacher: str | None = _f(None, "Teacher: Hugging Face id, local folder, or builtin:tiny-teacher (random-init, offline). May be empty only for pure SFT (divergence=kd, kd_weight=0, lmbda=0).")
     student: str = _f("", "Student to train: Hugging Face id, local folder, or builtin:tiny-student (its tokenizer is used).")
     dataset: str = _f("builtin:addition", "Training prompts: 'builtin:addition' (the built-in task) or a local JSONL file.")
-    dataset_format: str = _f("auto", "JSONL row format: 'prompt_completion' ({prompt, completion}), 'messages' (chat; last assistant turn is the reference) or 'auto'.")
+    dataset_format: str = _f("auto", "JSONL row format: 'prompt_completion' ({prompt, completion}), 'messages' (chat; last assistant turn is the reference), 'dolly' ({instruction, context, response}, Alpaca template) or 'auto'.")
     num_train_examples: int = _f(20000, "builtin:addition only: number of training problems generated.")
     max_digits: int = _f(4, "builtin:addition only: operands have 1..max_digits digits.")
     max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are truncated from the left.")
@@ -153,7 +153,7 @@ class GKDConfig:
             "reward_baseline": ["batch", "group"],
             "divergence": sorted(DIVERGENCES),
             "reduction": list(REDUCTIONS),
-            "dataset_format": ["auto", "prompt_completion", "messages"],
+            "dataset_format": ["auto", "prompt_completion", "messages", "dolly"],
             "mixed_precision": ["no", "bf16", "fp16"],
             "teacher_dtype": ["auto", "float32", "bfloat16", "float16"],
             "student_dtype": ["float32", "bfloat16", "float16"],

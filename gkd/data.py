@@ -58,9 +58,32 @@ def _chat_row(row: dict[str, Any], tokenizer, where: str) -> dict[str, Any]:
     return {**row, "prompt": prompt, "completion": messages[-1]["content"], "_chat": True}
 
 
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+)
+
+
+def _dolly_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """Dolly / MiniLLM format ``{instruction, context, response}`` with the Alpaca template."""
+    if "instruction" not in row:
+        raise ValueError(f"{where}: missing column 'instruction' (found: {', '.join(sorted(row))})")
+    context = (row.get("context") or row.get("input") or "").strip()
+    template = ALPACA_PROMPT_WITH_INPUT if context else ALPACA_PROMPT
+    prompt = template.format(instruction=row["instruction"].strip(), context=context)
+    response = row.get("response", row.get("output"))
+    return {**row, "prompt": prompt, "completion": response}
+
+
 def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_examples: int = 20000,
               max_digits: int = 4, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows ``{prompt, completion, ...}`` from ``builtin:addition`` or a local JSONL file."""
+    """Rows ``{prompt, completion, ...}`` from ``builtin:addition`` or a local JSONL file in
+    ``prompt_completion``, chat ``messages`` or Dolly ``instruction/context/response`` format."""
     if dataset == "builtin:addition":
         from gkd.task import split_problems
 
@@ -74,9 +97,11 @@ def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_exam
     for i, row in enumerate(rows, 1):
         fmt = dataset_format
         if fmt == "auto":
-            fmt = "messages" if "messages" in row else "prompt_completion"
+            fmt = "messages" if "messages" in row else "dolly" if "instruction" in row else "prompt_completion"
         where = f"{path}:{i}"
-        if fmt == "messages":
+        if fmt == "dolly":
+            out.append(_dolly_row(row, where))
+        elif fmt == "messages":
             if "messages" not in row:
                 raise ValueError(f"{where}: missing column 'messages'")
             out.append(_chat_row(row, tokenizer, where))

@@ -44,10 +44,14 @@ class DemoPlan:
     student_lr: float = 1e-3
     student_batch: int = 32
     gkd: dict[str, Any] = field(default_factory=lambda: {"lmbda": 1.0, "divergence": "jsd", "beta": 0.5})
+    minillm: dict[str, Any] = field(default_factory=lambda: {
+        "algorithm": "minillm", "teacher_mix": 0.2, "num_rollouts": 128, "ppo_epochs": 4, "clip_eps": 0.2,
+    })
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        return cls(num_train=512, num_eval=32, teacher_steps=4, warmup_steps=4, gkd_steps=3, student_batch=8, teacher_batch=8)
+        return cls(num_train=512, num_eval=32, teacher_steps=4, warmup_steps=4, gkd_steps=3, student_batch=8,
+                   teacher_batch=8, minillm={"algorithm": "minillm", "num_rollouts": 16, "ppo_epochs": 2})
 
 
 def _sft(plan: DemoPlan, init: Path, out: Path, steps: int, lr: float, batch: int, seed: int,
@@ -102,8 +106,13 @@ def _teacher(plan: DemoPlan, work: Path, seed: int, retrain: bool) -> tuple[Path
 
 
 def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
-             retrain_teacher: bool = False) -> dict[str, Any]:
-    """Run the embedded default and return (and print, and save) its results table."""
+             retrain_teacher: bool = False, algorithm: str = "gkd") -> dict[str, Any]:
+    """Run the embedded default and return (and print, and save) its results table.
+
+    ``algorithm="minillm"`` distills with MiniLLM (teacher-mixed sampling, PPO) instead of GKD.
+    """
+    if algorithm not in ("gkd", "minillm"):
+        raise ValueError(f"algorithm must be gkd or minillm, got {algorithm!r}")
     torch.manual_seed(seed)
     plan = DemoPlan.quick() if quick else DemoPlan()
     work = Path(output_dir)
@@ -127,9 +136,11 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
                 plan.warmup_steps, plan.student_lr, plan.student_batch, seed)
     before = ev(warm, teacher_model)
 
-    print(f"[3/4] on-policy GKD ({plan.gkd}) for {plan.gkd_steps} steps")
+    settings = plan.minillm if algorithm == "minillm" else plan.gkd
+    label = "MiniLLM" if algorithm == "minillm" else "on-policy GKD"
+    print(f"[3/4] {label} ({settings}) for {plan.gkd_steps} steps")
     t_gkd = time.perf_counter()
-    gkd_final = _distill(plan, warm, teacher_path, work / "student-gkd", plan.gkd_steps, seed, **plan.gkd)
+    gkd_final = _distill(plan, warm, teacher_path, work / f"student-{algorithm}", plan.gkd_steps, seed, **settings)
     t_gkd = time.perf_counter() - t_gkd
     after = ev(gkd_final, teacher_model)
 
@@ -141,7 +152,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     rows = [
         ("teacher", teacher_eval),
         ("student before (SFT warm-up)", before),
-        ("student after on-policy GKD", after),
+        (f"student after {label}", after),
         ("student after more SFT (control)", control),
     ]
     wall = time.perf_counter() - t0
@@ -149,13 +160,13 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     print()
     print(table)
     print(f"\nwall time {wall:.0f}s (teacher {'cached' if was_cached else f'trained in {t_teacher:.0f}s'}; "
-          f"GKD phase {t_gkd:.0f}s); held-out prompts: {len(prompts)}")
+          f"{label} phase {t_gkd:.0f}s for {plan.gkd_steps} steps); held-out prompts: {len(prompts)}")
     for prompt, completion in after.samples:
         print(f"  sample: {prompt!r} -> {completion!r}")
     result = {
         "rows": {name: {"accuracy": r.accuracy, "forward_kl": r.forward_kl, "reverse_kl": r.reverse_kl,
                         "completion_len_mean": r.completion_len_mean} for name, r in rows},
-        "wall_time_s": wall, "teacher_cached": was_cached, "gkd_time_s": t_gkd,
+        "wall_time_s": wall, "teacher_cached": was_cached, "distill_time_s": t_gkd, "algorithm": algorithm,
         "plan": plan.__dict__, "teacher_path": str(teacher_path),
     }
     (work / "results.json").write_text(json.dumps(result, indent=2))

@@ -39,7 +39,7 @@ from accelerate.utils import GradientAccumulationPlugin, set_seed
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from gkd import distributed
-from gkd.config import GKDConfig
+from gkd.config import ConfigError, GKDConfig
 from gkd.data import PromptDataset, collate, load_rows, reference_rollout
 from gkd.losses import (
     distillation_loss_per_token,
@@ -200,7 +200,7 @@ class GKDTrainer:
             return
         per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
         if cfg.num_rollouts % per_step:
-            raise ValueError(
+            raise ConfigError(
                 f"num_rollouts={cfg.num_rollouts} must be a multiple of per_device_batch_size × "
                 f"gradient_accumulation_steps × processes = {cfg.per_device_batch_size} × "
                 f"{cfg.gradient_accumulation_steps} × {world} = {per_step}"

@@ -100,3 +100,15 @@ def test_task_splits_are_disjoint_and_deterministic():
     train, held = split_problems(500, 50, max_digits=3, seed=1)
     assert not {(p.a, p.b) for p in train} & {(p.a, p.b) for p in held}
     assert split_problems(500, 50, max_digits=3, seed=1)[0] == train
+
+
+def test_dolly_rows_use_the_alpaca_template(tokenizer):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "data" / "dolly_sample.jsonl"
+    rows = load_rows(str(path), tokenizer)
+    with_context, without = rows[0], rows[1]
+    assert "### Input:\nVirgin Australia" in with_context["prompt"]
+    assert with_context["prompt"].endswith("### Response:\n")
+    assert "### Input" not in without["prompt"] and without["completion"] == "Tope"
+    assert with_context["category"] == "closed_qa"  # extra columns reach reward functions
