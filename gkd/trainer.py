@@ -136,12 +136,14 @@ class GKDTrainer:
         )
         set_seed(cfg.seed)
         self._check_batch_arithmetic()
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.student, cfg.trust_remote_code)
-        student = student if student is not None else load_model(cfg.student, cfg.student_dtype, cfg.trust_remote_code)
-        if teacher is None and not cfg.is_pure_sft:
-            teacher_tok = load_tokenizer(cfg.teacher, cfg.trust_remote_code)  # type: ignore[arg-type]
-            check_tokenizers_match(self.tokenizer, teacher_tok)
-            teacher = load_model(cfg.teacher, cfg.teacher_dtype, cfg.trust_remote_code)  # type: ignore[arg-type]
+        with acc.main_process_first():  # one process fills caches (hub downloads, built-in models) first
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.student, cfg.trust_remote_code)
+            if student is None:
+                student = load_model(cfg.student, cfg.student_dtype, cfg.trust_remote_code)
+            if teacher is None and not cfg.is_pure_sft:
+                teacher_tok = load_tokenizer(cfg.teacher, cfg.trust_remote_code)  # type: ignore[arg-type]
+                check_tokenizers_match(self.tokenizer, teacher_tok)
+                teacher = load_model(cfg.teacher, cfg.teacher_dtype, cfg.trust_remote_code)  # type: ignore[arg-type]
         self.vocab_size = len(self.tokenizer)
         for name, model in (("student", student), ("teacher", teacher)):
             if model is not None and output_vocab_size(model) < self.vocab_size:

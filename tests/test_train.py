@@ -96,3 +96,12 @@ def test_two_processes_equal_one_process_with_gradient_accumulation(tmp_path):
     for a, b in zip(one, two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
         assert a["completion_len_mean"] == pytest.approx(b["completion_len_mean"])
+
+
+def test_minillm_two_processes_with_gradient_accumulation(tmp_path):
+    """The rollout buffer, global whitening and PPO epochs run in lockstep on 2 ranks with accumulation."""
+    rows = _launch(2, tmp_path / "mini", "algorithm=minillm", "num_rollouts=16", "per_device_batch_size=4",
+                   "gradient_accumulation_steps=2", "ppo_epochs=2", "max_steps=4", "teacher_mix=0.2")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["ppo_epoch"] for r in rows] == [0, 1, 0, 1]
+    assert all(abs(r["loss"]) < 1e3 for r in rows)
