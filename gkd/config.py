@@ -108,6 +108,9 @@ class GKDConfig:
     output_dir: str = _f("runs/gkd", "Where metrics.jsonl, config.yaml, checkpoints and the final model go.")
     logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
     save_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
+    save_total_limit: int = _f(0, "Keep only the newest N complete checkpoints (0 keeps all).")
+    resume_from_checkpoint: str | None = _f(None, "'latest' (newest complete checkpoint in output_dir, or a fresh start if none) or a checkpoint folder.")
+    ddp_backend: str = _f("auto", "Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo. DeepSpeed on CPU needs gloo.")
     save_final_model: bool = _f(True, "Save the trained student in Hugging Face format to output_dir/final.")
     progress_bar: bool = _f(True, "Show a tqdm progress bar on the main process.")
 
@@ -132,6 +135,7 @@ class GKDConfig:
             (self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)"),
             (self.logging_steps > 0, "logging_steps", "must be > 0"),
             (self.save_steps >= 0, "save_steps", "must be >= 0"),
+            (self.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps all)"),
             (self.num_train_examples > 0, "num_train_examples", "must be > 0"),
             (1 <= self.max_digits <= 12, "max_digits", "must be in [1, 12]"),
             (0.0 <= self.teacher_mix <= 1.0, "teacher_mix", "must be in [0, 1]"),
@@ -155,6 +159,7 @@ class GKDConfig:
             "reduction": list(REDUCTIONS),
             "dataset_format": ["auto", "prompt_completion", "messages", "dolly"],
             "mixed_precision": ["no", "bf16", "fp16"],
+            "ddp_backend": ["auto", "nccl", "gloo"],
             "teacher_dtype": ["auto", "float32", "bfloat16", "float16"],
             "student_dtype": ["float32", "bfloat16", "float16"],
         }

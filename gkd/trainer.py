@@ -35,10 +35,16 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    set_seed,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from gkd import distributed
+from gkd.checkpoint import find_resume_checkpoint, mark_completed, rotate_checkpoints
 from gkd.config import ConfigError, GKDConfig
 from gkd.data import PromptDataset, collate, load_rows, reference_rollout
 from gkd.losses import (
@@ -60,7 +66,7 @@ from gkd.rollout import Rollout, SamplingParams, sample
 from gkd.scorer import check_tokenizers_match, completion_logits, output_vocab_size, score
 from gkd.task import resolve_model_path
 
-__all__ = ["GKDTrainer", "disable_dropout", "load_model", "load_tokenizer"]
+__all__ = ["GKDTrainer", "build_accelerator", "disable_dropout", "load_model", "load_tokenizer"]
 
 logger = logging.getLogger("gkd")
 
@@ -128,12 +134,7 @@ class GKDTrainer:
         accelerator: Accelerator | None = None,
     ) -> None:
         self.config = cfg = config
-        self.accelerator = acc = accelerator or Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_plugin=GradientAccumulationPlugin(
-                num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
-            ),
-        )
+        self.accelerator = acc = accelerator or build_accelerator(cfg)
         set_seed(cfg.seed)
         self._check_batch_arithmetic()
         with acc.main_process_first():  # one process fills caches (hub downloads, built-in models) first
@@ -174,6 +175,7 @@ class GKDTrainer:
         )
         self.student, self.optimizer, self.loader = acc.prepare(student, optimizer, loader)
         self.lm_loader = acc.prepare(lm_loader) if lm_loader is not None else None
+        acc.register_for_checkpointing(self.scheduler)
         self.teacher = teacher
         if len(self.loader) == 0:
             raise ValueError(
@@ -186,10 +188,14 @@ class GKDTrainer:
         self.ppo_generator = torch.Generator().manual_seed(cfg.seed + 7)
         self.timers = _Timers()
         self.step = 0
-        self.epochs = {"train": 0, "lm": 0}
+        # data position: epoch and batches handed out in it, per stream (exact resume)
+        self.data_pos = {"train": [0, 0], "lm": [0, 0]}
+        self.output_dir = Path(cfg.output_dir)
+        resume = find_resume_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
+        if resume is not None:
+            self.load_checkpoint(resume)
         self._batches = self._batch_stream(self.loader, "train")
         self._lm_batches = self._batch_stream(self.lm_loader, "lm") if self.lm_loader is not None else None
-        self.output_dir = Path(cfg.output_dir)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
@@ -224,11 +230,16 @@ class GKDTrainer:
         )
 
     def _batch_stream(self, loader: Any, name: str) -> Iterator[dict[str, Any]]:
+        """Endless batches; the order of each epoch depends only on (seed, epoch), so a resumed run
+        continues exactly where ``data_pos`` says (skipping, not loading, the consumed batches)."""
+        pos = self.data_pos[name]
         while True:
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(self.epochs[name])
-            yield from loader
-            self.epochs[name] += 1
+            loader.set_epoch(pos[0])
+            batches = self.accelerator.skip_first_batches(loader, pos[1]) if pos[1] else loader
+            for batch in batches:
+                pos[1] += 1
+                yield batch
+            pos[0], pos[1] = pos[0] + 1, 0
 
     # --- rollout phase ------------------------------------------------------------------------
 
@@ -489,6 +500,7 @@ class GKDTrainer:
         self.student.train()
         while self.step < cfg.max_steps:
             steps = self.minillm_iteration() if cfg.algorithm == "minillm" else iter([self.train_step()])
+            save_due = False
             for metrics in steps:
                 history.append(metrics)
                 if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
@@ -497,8 +509,10 @@ class GKDTrainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", on_policy=metrics["on_policy"],
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
-                    self.save_checkpoint()
+                save_due = save_due or bool(cfg.save_steps and self.step % cfg.save_steps == 0)
+            # MiniLLM checkpoints at the end of a rollout buffer (the buffer itself is not saved)
+            if save_due:
+                self.save_checkpoint()
         if bar is not None:
             bar.close()
         if cfg.save_final_model:
@@ -511,23 +525,52 @@ class GKDTrainer:
                 fh.write(json.dumps(metrics) + "\n")
 
     def save_checkpoint(self) -> Path:
-        """``accelerator.save_state`` + trainer state, then a ``COMPLETED`` marker written last."""
+        """``accelerator.save_state`` (model, optimizer, scheduler, RNG of every rank; sharded under
+        DeepSpeed) + the trainer's state, then the ``COMPLETED`` marker, written last."""
         acc = self.accelerator
         path = self.output_dir / f"checkpoint-{self.step}"
         if acc.is_main_process and path.exists():
             shutil.rmtree(path)
         acc.wait_for_everyone()
         acc.save_state(str(path))
+        generators = {"sample": self.sample_generator.get_state(), "coin": self.coin.generator.get_state(),
+                      "ppo": self.ppo_generator.get_state()}
+        torch.save(generators, path / f"generators_{acc.process_index}.pt")
         if acc.is_main_process:
-            state = {"step": self.step, "epochs": self.epochs, "coin": self.coin.state_dict()["generator"].tolist(),
-                     "scheduler": self.scheduler.state_dict()}
+            state = {"step": self.step, "data_pos": self.data_pos, "num_processes": acc.num_processes}
             (path / "trainer_state.json").write_text(json.dumps(state))
-            with open(path / "COMPLETED", "w") as fh:
-                fh.write(str(self.step))
-                fh.flush()
-                os.fsync(fh.fileno())
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            mark_completed(path, self.step)
+            for old in rotate_checkpoints(self.output_dir, self.config.save_total_limit):
+                logger.info("removed old checkpoint %s (save_total_limit=%d)", old, self.config.save_total_limit)
         acc.wait_for_everyone()
         return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote; the next step is exactly the one an
+        uninterrupted run would have taken."""
+        acc = self.accelerator
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["num_processes"] != acc.num_processes:
+            raise ValueError(
+                f"checkpoint {path} was written by {state['num_processes']} process(es); resuming with "
+                f"{acc.num_processes} would change the data order and sampling streams"
+            )
+        acc.load_state(str(path))
+        generators = torch.load(path / f"generators_{acc.process_index}.pt", weights_only=True)
+        self.sample_generator.set_state(generators["sample"])
+        self.coin.generator.set_state(generators["coin"])
+        self.ppo_generator.set_state(generators["ppo"])
+        self.step = state["step"]
+        self.data_pos = {k: list(v) for k, v in state["data_pos"].items()}
+        if acc.is_main_process:  # drop metrics of steps after the checkpoint (the run died after it)
+            metrics = self.output_dir / "metrics.jsonl"
+            if metrics.exists():
+                kept = [line for line in metrics.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= self.step]
+                metrics.write_text("".join(line + "\n" for line in kept))
+        logger.info("resumed from %s at step %d", path, self.step)
 
     def save_model(self, path: Path) -> None:
         """The student in Hugging Face format (loadable with ``AutoModelForCausalLM.from_pretrained``)."""
@@ -539,6 +582,23 @@ class GKDTrainer:
             model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
         acc.wait_for_everyone()
+
+
+def build_accelerator(cfg: GKDConfig) -> Accelerator:
+    """The accelerate ``Accelerator`` for a config: mixed precision, accumulation without dataloader
+    syncing, epoch-seeded samplers (exact resume), and the process-group backend."""
+    backend = cfg.ddp_backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)] if multi_process else [],
+    )
 
 
 def _repeat_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
