@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # DeepSpeed calls a torch collective that torch deprecated; one warning per step buries the log
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["OnPolicyScheduler", "all_ranks_done", "all_reduce_sum", "broadcast_from_main", "is_distributed", "world_size"]
+__all__ = [
+    "OnPolicyScheduler",
+    "all_ranks_done",
+    "all_reduce_sum",
+    "broadcast_from_main",
+    "is_distributed",
+    "prepare_teacher",
+    "world_size",
+    "zero_stage",
+]
 
 
 def is_distributed() -> bool:
@@ -77,3 +86,45 @@ class OnPolicyScheduler:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+def zero_stage(accelerator) -> int:
+    """DeepSpeed ZeRO stage of the run (0 without DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """Place the frozen teacher for inference.
+
+    Without DeepSpeed or under ZeRO-2 it is replicated on every device. Under ZeRO-3 its weights
+    were partitioned at load time (``from_pretrained`` under ``deepspeed.zero.Init``); a DeepSpeed
+    inference engine without optimizer gathers them layer by layer during forward, so the teacher
+    never holds optimizer state and no rank holds all of it. Returns the module to call.
+    """
+    if zero_stage(accelerator) != 3:
+        return teacher.to(accelerator.device)
+    import copy
+
+    import deepspeed
+
+    ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        ds_config.pop(key, None)
+    zero = ds_config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    hidden = getattr(teacher.config, "hidden_size", None)
+    for key, value in (("reduce_bucket_size", hidden * hidden if hidden else 5e8),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden) if hidden else 5e8),
+                       ("stage3_param_persistence_threshold", 10 * hidden if hidden else 1e5)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    for key in ("train_batch_size", "gradient_clipping"):
+        if ds_config.get(key) == "auto":
+            ds_config.pop(key)
+    for section in ("bf16", "fp16"):
+        if isinstance(ds_config.get(section), dict) and ds_config[section].get("enabled") == "auto":
+            ds_config[section]["enabled"] = False
+    engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
+    engine.eval()
+    return engine.module

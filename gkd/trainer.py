@@ -137,14 +137,18 @@ class GKDTrainer:
         self.accelerator = acc = accelerator or build_accelerator(cfg)
         set_seed(cfg.seed)
         self._check_batch_arithmetic()
-        with acc.main_process_first():  # one process fills caches (hub downloads, built-in models) first
-            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.student, cfg.trust_remote_code)
-            if student is None:
-                student = load_model(cfg.student, cfg.student_dtype, cfg.trust_remote_code)
-            if teacher is None and not cfg.is_pure_sft:
-                teacher_tok = load_tokenizer(cfg.teacher, cfg.trust_remote_code)  # type: ignore[arg-type]
-                check_tokenizers_match(self.tokenizer, teacher_tok)
-                teacher = load_model(cfg.teacher, cfg.teacher_dtype, cfg.trust_remote_code)  # type: ignore[arg-type]
+        need_teacher = teacher is None and not cfg.is_pure_sft
+        with acc.main_process_first():  # one process fills caches (built-in models, tokenizer files) first
+            student_path = resolve_model_path(cfg.student)
+            teacher_path = resolve_model_path(cfg.teacher) if need_teacher else None  # type: ignore[arg-type]
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(student_path, cfg.trust_remote_code)
+            if teacher_path is not None:
+                check_tokenizers_match(self.tokenizer, load_tokenizer(teacher_path, cfg.trust_remote_code))
+        # every process loads the weights at once: under ZeRO-3, from_pretrained partitions them collectively
+        if student is None:
+            student = load_model(student_path, cfg.student_dtype, cfg.trust_remote_code)
+        if teacher_path is not None:
+            teacher = load_model(teacher_path, cfg.teacher_dtype, cfg.trust_remote_code)
         self.vocab_size = len(self.tokenizer)
         for name, model in (("student", student), ("teacher", teacher)):
             if model is not None and output_vocab_size(model) < self.vocab_size:
@@ -157,7 +161,6 @@ class GKDTrainer:
         if teacher is not None:
             disable_dropout(teacher)
             teacher.requires_grad_(False).eval()
-            teacher.to(acc.device)
         self.rewards = RewardFunctions.from_specs(cfg.reward_funcs, cfg.reward_weights or None)
 
         rows = train_rows if train_rows is not None else self._load_rows(cfg.dataset)
@@ -176,7 +179,8 @@ class GKDTrainer:
         self.student, self.optimizer, self.loader = acc.prepare(student, optimizer, loader)
         self.lm_loader = acc.prepare(lm_loader) if lm_loader is not None else None
         acc.register_for_checkpointing(self.scheduler)
-        self.teacher = teacher
+        # teacher: replicated (no DeepSpeed / ZeRO-2) or ZeRO-3-sharded for inference, never with optimizer state
+        self.teacher = distributed.prepare_teacher(teacher, acc) if teacher is not None else None
         if len(self.loader) == 0:
             raise ValueError(
                 f"{len(rows)} training rows give no full batch of per_device_batch_size={cfg.per_device_batch_size} "
@@ -454,6 +458,8 @@ class GKDTrainer:
                 self.gkd_advantages(rollouts)
         metrics = self.optimize(rollouts, self.gkd_loss)
         metrics.update(reward_metrics, on_policy=int(on_policy))
+        if distributed.is_distributed():  # how many ranks took this step on-policy: 0 or all, never a mix
+            metrics["on_policy_ranks"] = int(distributed.all_reduce_sum(torch.tensor(float(on_policy))).item())
         return self._timing(metrics, start)
 
     def minillm_iteration(self) -> Iterator[dict[str, float]]:
