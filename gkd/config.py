@@ -47,6 +47,11 @@ class GKDConfig:
     teacher_dtype: str = _f("auto", "Teacher weights dtype: auto | float32 | bfloat16 | float16.")
     student_dtype: str = _f("float32", "Student weights dtype: float32 | bfloat16 | float16 (use mixed_precision for AMP).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model folders.")
+    lora_r: int = _f(0, "LoRA rank of the student's adapters (peft); 0 trains all weights.")
+    lora_alpha: float = _f(16.0, "LoRA scaling α (peft lora_alpha).")
+    lora_dropout: float = _f(0.0, "LoRA dropout (note: gkd turns dropout off in both models, DESIGN §1.2).")
+    lora_target_modules: list[str] = _f(["all-linear"], "Modules that get adapters (peft target_modules; 'all-linear' = every linear layer but the output head).")
+    merge_lora: bool = _f(False, "Also save the base model with the adapters merged in, to output_dir/final-merged.")
 
     # --- algorithm ---
     algorithm: str = _f("gkd", "gkd (generalized KD, Agarwal et al. 2024) or minillm (reverse-KL policy gradient, Gu et al. 2024).")
@@ -136,6 +141,8 @@ class GKDConfig:
             (self.logging_steps > 0, "logging_steps", "must be > 0"),
             (self.save_steps >= 0, "save_steps", "must be >= 0"),
             (self.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps all)"),
+            (self.lora_r >= 0, "lora_r", "must be >= 0 (0 disables LoRA)"),
+            (self.lora_alpha > 0, "lora_alpha", "must be > 0"),
             (self.num_train_examples > 0, "num_train_examples", "must be > 0"),
             (1 <= self.max_digits <= 12, "max_digits", "must be in [1, 12]"),
             (0.0 <= self.teacher_mix <= 1.0, "teacher_mix", "must be in [0, 1]"),

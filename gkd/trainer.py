@@ -155,9 +155,13 @@ class GKDTrainer:
                 raise ValueError(
                     f"{name} has {output_vocab_size(model)} output rows but the tokenizer has {self.vocab_size} tokens"
                 )
+        if cfg.lora_r > 0:
+            student = add_lora(student, cfg)
         disable_dropout(student)
         if cfg.gradient_checkpointing:
             student.gradient_checkpointing_enable()
+            if cfg.lora_r > 0:
+                student.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
         if teacher is not None:
             disable_dropout(teacher)
             teacher.requires_grad_(False).eval()
@@ -585,9 +589,34 @@ class GKDTrainer:
         state_dict = acc.get_state_dict(self.student)
         if acc.is_main_process:
             model = acc.unwrap_model(self.student)
-            model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)  # adapters only under LoRA
             self.tokenizer.save_pretrained(path)
+            if self.config.lora_r > 0 and self.config.merge_lora:
+                merge_adapters(self.config, path, path.with_name(path.name + "-merged"))
         acc.wait_for_everyone()
+
+
+def add_lora(student: torch.nn.Module, cfg: GKDConfig) -> torch.nn.Module:
+    """Wrap the student with peft LoRA adapters; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+    )
+    return get_peft_model(student, lora)
+
+
+def merge_adapters(cfg: GKDConfig, adapter_dir: Path, out: Path) -> None:
+    """Base model + saved adapters, merged, saved as a plain Hugging Face model (done on CPU from the
+    saved files, so it works whatever ZeRO stage trained them)."""
+    from peft import PeftModel
+
+    base = load_model(resolve_model_path(cfg.student), cfg.student_dtype, cfg.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
 
 
 def build_accelerator(cfg: GKDConfig) -> Accelerator:
