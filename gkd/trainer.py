@@ -20,6 +20,7 @@ teacher scoring in :mod:`gkd.scorer`, rewards in :mod:`gkd.rewards`, cross-rank 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -195,6 +196,7 @@ class GKDTrainer:
         self.sample_generator = torch.Generator(acc.device).manual_seed(cfg.seed + 1_000_003 * acc.process_index)
         self.ppo_generator = torch.Generator().manual_seed(cfg.seed + 7)
         self.timers = _Timers()
+        self.minillm_state: dict[str, Any] | None = None  # MiniLLM buffer in progress (see minillm_iteration)
         self.step = 0
         # data position: epoch and batches handed out in it, per stream (exact resume)
         self.data_pos = {"train": [0, 0], "lm": [0, 0]}
@@ -467,24 +469,37 @@ class GKDTrainer:
         return self._timing(metrics, start)
 
     def minillm_iteration(self) -> Iterator[dict[str, float]]:
-        """MiniLLM: fill the rollout buffer, compute advantages, then ``ppo_epochs`` passes of updates."""
+        """MiniLLM: fill the rollout buffer, compute advantages, then ``ppo_epochs`` passes of updates.
+
+        The iteration's progress (buffer, epoch, minibatch order, position) lives in
+        ``self.minillm_state`` so that a checkpoint taken mid-buffer resumes exactly.
+        """
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
         n_micro = cfg.num_rollouts // (cfg.per_device_batch_size * acc.num_processes)
-        with self.timers("rollout"):
-            buffer = [self.mixed_rollout(next(self._batches)) for _ in range(n_micro)]
-        with self.timers("reward"):
-            shared = self.score_rewards(buffer)
-            shared.update(self.minillm_advantages(buffer))
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(n_micro, generator=self.ppo_generator).tolist()
-            for k in range(0, n_micro, cfg.gradient_accumulation_steps):
-                group = [buffer[i] for i in order[k : k + cfg.gradient_accumulation_steps]]
-                metrics = self.optimize(group, self.minillm_loss)
-                metrics.update(shared, on_policy=1, ppo_epoch=epoch)
+        if self.minillm_state is None:
+            with self.timers("rollout"):
+                buffer = [self.mixed_rollout(next(self._batches)) for _ in range(n_micro)]
+            with self.timers("reward"):
+                shared = self.score_rewards(buffer)
+                shared.update(self.minillm_advantages(buffer))
+            self.minillm_state = {"buffer": buffer, "shared": shared, "epoch": 0, "order": None, "next": 0}
+        state = self.minillm_state
+        while state["epoch"] < cfg.ppo_epochs:
+            if state["order"] is None:
+                state["order"], state["next"] = torch.randperm(n_micro, generator=self.ppo_generator).tolist(), 0
+            while state["next"] < n_micro:
+                idx = state["order"][state["next"] : state["next"] + cfg.gradient_accumulation_steps]
+                state["next"] += cfg.gradient_accumulation_steps
+                metrics = self.optimize([state["buffer"][i] for i in idx], self.minillm_loss)
+                metrics.update(state["shared"], on_policy=1, ppo_epoch=state["epoch"])
+                if state["next"] >= n_micro:  # this was the epoch's last minibatch
+                    state["epoch"], state["order"] = state["epoch"] + 1, None
+                    if state["epoch"] == cfg.ppo_epochs:
+                        self.minillm_state = None
                 yield self._timing(metrics, start)
                 start = time.perf_counter()
-                if self.step >= cfg.max_steps:
+                if self.step >= cfg.max_steps or self.minillm_state is None:
                     return
 
     def _timing(self, metrics: dict[str, float], start: float) -> dict[str, float]:
@@ -510,7 +525,6 @@ class GKDTrainer:
         self.student.train()
         while self.step < cfg.max_steps:
             steps = self.minillm_iteration() if cfg.algorithm == "minillm" else iter([self.train_step()])
-            save_due = False
             for metrics in steps:
                 history.append(metrics)
                 if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
@@ -519,10 +533,8 @@ class GKDTrainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", on_policy=metrics["on_policy"],
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
-                save_due = save_due or bool(cfg.save_steps and self.step % cfg.save_steps == 0)
-            # MiniLLM checkpoints at the end of a rollout buffer (the buffer itself is not saved)
-            if save_due:
-                self.save_checkpoint()
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self.save_checkpoint()
         if bar is not None:
             bar.close()
         if cfg.save_final_model:
@@ -546,6 +558,9 @@ class GKDTrainer:
         generators = {"sample": self.sample_generator.get_state(), "coin": self.coin.generator.get_state(),
                       "ppo": self.ppo_generator.get_state()}
         torch.save(generators, path / f"generators_{acc.process_index}.pt")
+        if self.minillm_state is not None:  # a MiniLLM buffer in progress: saved so the resume is exact
+            state = {**self.minillm_state, "buffer": [dataclasses.asdict(r) for r in self.minillm_state["buffer"]]}
+            torch.save(state, path / f"minillm_buffer_{acc.process_index}.pt")
         if acc.is_main_process:
             state = {"step": self.step, "data_pos": self.data_pos, "num_processes": acc.num_processes}
             (path / "trainer_state.json").write_text(json.dumps(state))
@@ -572,6 +587,11 @@ class GKDTrainer:
         self.sample_generator.set_state(generators["sample"])
         self.coin.generator.set_state(generators["coin"])
         self.ppo_generator.set_state(generators["ppo"])
+        buffer_file = path / f"minillm_buffer_{acc.process_index}.pt"
+        if buffer_file.exists():
+            mini = torch.load(buffer_file, weights_only=False, map_location=acc.device)
+            mini["buffer"] = [Rollout(**r) for r in mini["buffer"]]
+            self.minillm_state = mini
         self.step = state["step"]
         self.data_pos = {k: list(v) for k, v in state["data_pos"].items()}
         if acc.is_main_process:  # drop metrics of steps after the checkpoint (the run died after it)

@@ -25,7 +25,8 @@ def _losses(out: Path) -> list[tuple[int, float, int]]:
 
 @pytest.mark.parametrize("recipe, total, half, extra", [
     (TINY, 8, 4, ["max_new_tokens=9"]),
-    (MINILLM, 8, 4, ["num_rollouts=16", "ppo_epochs=2"]),  # 4 steps per rollout buffer
+    (MINILLM, 8, 4, ["num_rollouts=16", "ppo_epochs=2"]),  # 4 steps per rollout buffer: resume at a boundary
+    (MINILLM, 8, 3, ["num_rollouts=16", "ppo_epochs=2"]),  # ... and in the middle of a buffer's PPO epochs
 ])
 def test_resume_gives_bit_identical_losses(tmp_path, recipe, total, half, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
