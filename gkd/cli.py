@@ -22,10 +22,15 @@ def _train(args: argparse.Namespace) -> int:
         print("gkd train: error: a recipe file is required (e.g. gkd train recipes/tiny.yaml)", file=sys.stderr)
         return 2
     config = load_config(args.recipe, args.overrides)
-    from gkd.trainer import GKDTrainer
+    from gkd.trainer import PREEMPTED_EXIT_CODE, GKDTrainer, Preempted
 
     trainer = GKDTrainer(config)
-    history = trainer.train()
+    try:
+        history = trainer.train()
+    except Preempted as e:
+        if trainer.accelerator.is_main_process:
+            print(f"gkd train: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     if trainer.accelerator.is_main_process and history:
         last = history[-1]
         print(f"done: {trainer.step} steps, final loss {last['loss']:.4f}; outputs in {config.output_dir}")

@@ -13,6 +13,7 @@ __all__ = [
     "OnPolicyScheduler",
     "all_ranks_done",
     "all_reduce_sum",
+    "any_rank",
     "broadcast_from_main",
     "is_distributed",
     "prepare_teacher",
@@ -52,6 +53,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     t = value.detach().to(_comm_device()).clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.to(value.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is true on any rank."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return bool(t.item() > 0)
 
 
 def all_ranks_done(local_done: bool) -> bool:

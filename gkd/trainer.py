@@ -45,7 +45,7 @@ from accelerate.utils import (
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from gkd import distributed
-from gkd.checkpoint import find_resume_checkpoint, mark_completed, rotate_checkpoints
+from gkd.checkpoint import MARKER, find_resume_checkpoint, mark_completed, rotate_checkpoints
 from gkd.config import ConfigError, GKDConfig
 from gkd.data import PromptDataset, collate, load_rows, reference_rollout
 from gkd.losses import (
@@ -67,7 +67,7 @@ from gkd.rollout import Rollout, SamplingParams, sample
 from gkd.scorer import check_tokenizers_match, completion_logits, output_vocab_size, score
 from gkd.task import resolve_model_path
 
-__all__ = ["GKDTrainer", "build_accelerator", "disable_dropout", "load_model", "load_tokenizer"]
+__all__ = ["PREEMPTED_EXIT_CODE", "GKDTrainer", "Preempted", "build_accelerator", "disable_dropout", "load_model", "load_tokenizer"]
 
 logger = logging.getLogger("gkd")
 
@@ -97,6 +97,20 @@ def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool =
     return AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
     )
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoint; resume to continue
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after writing a complete checkpoint."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(
+            f"received {signal_name}: stopped after step {step} and saved {checkpoint}; "
+            "resume with the same command plus resume_from_checkpoint=latest"
+        )
 
 
 class _Timers:
@@ -523,6 +537,16 @@ class GKDTrainer:
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.algorithm, dynamic_ncols=True)
         self.student.train()
+        with _stop_on_signals() as stop:
+            self._train_loop(history, bar, stop)
+        if bar is not None:
+            bar.close()
+        if cfg.save_final_model:
+            self.save_model(self.output_dir / "final")
+        return history
+
+    def _train_loop(self, history: list[dict[str, float]], bar: Any, stop: dict[str, Any]) -> None:
+        cfg = self.config
         while self.step < cfg.max_steps:
             steps = self.minillm_iteration() if cfg.algorithm == "minillm" else iter([self.train_step()])
             for metrics in steps:
@@ -535,11 +559,12 @@ class GKDTrainer:
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
                 if cfg.save_steps and self.step % cfg.save_steps == 0:
                     self.save_checkpoint()
-        if bar is not None:
-            bar.close()
-        if cfg.save_final_model:
-            self.save_model(self.output_dir / "final")
-        return history
+                # a signal on any rank stops every rank after this step, with a checkpoint
+                if distributed.any_rank(stop["signal"] is not None) and self.step < cfg.max_steps:
+                    path = self.save_checkpoint()
+                    if bar is not None:
+                        bar.close()
+                    raise Preempted(stop["signal"] or "a signal on another rank", self.step, path)
 
     def log(self, metrics: dict[str, float]) -> None:
         if self.accelerator.is_main_process:
@@ -551,7 +576,9 @@ class GKDTrainer:
         DeepSpeed) + the trainer's state, then the ``COMPLETED`` marker, written last."""
         acc = self.accelerator
         path = self.output_dir / f"checkpoint-{self.step}"
-        if acc.is_main_process and path.exists():
+        if (path / MARKER).exists():  # already saved (e.g. save_steps and a signal at the same step)
+            return path
+        if acc.is_main_process and path.exists():  # a torn attempt at this step
             shutil.rmtree(path)
         acc.wait_for_everyone()
         acc.save_state(str(path))
@@ -597,8 +624,7 @@ class GKDTrainer:
         if acc.is_main_process:  # drop metrics of steps after the checkpoint (the run died after it)
             metrics = self.output_dir / "metrics.jsonl"
             if metrics.exists():
-                kept = [line for line in metrics.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= self.step]
+                kept = [line for line in metrics.read_text().splitlines() if _metrics_step(line) <= self.step]
                 metrics.write_text("".join(line + "\n" for line in kept))
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -614,6 +640,32 @@ class GKDTrainer:
             if self.config.lora_r > 0 and self.config.merge_lora:
                 merge_adapters(self.config, path, path.with_name(path.name + "-merged"))
         acc.wait_for_everyone()
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict[str, Any]]:
+    """SIGTERM / SIGINT set a flag instead of killing the process; the loop checkpoints and stops.
+    A second SIGINT interrupts at once."""
+    import signal
+    import threading
+
+    flag: dict[str, Any] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+        logger.warning("%s received: finishing the current step, then saving a checkpoint", flag["signal"])
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def add_lora(student: torch.nn.Module, cfg: GKDConfig) -> torch.nn.Module:
@@ -654,6 +706,14 @@ def build_accelerator(cfg: GKDConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[InitProcessGroupKwargs(backend=backend)] if multi_process else [],
     )
+
+
+def _metrics_step(line: str) -> float:
+    """Step of a metrics.jsonl line; a torn (half-written) line sorts after everything."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _repeat_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
