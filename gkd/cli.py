@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
         print("gkd train: error: a recipe file is required (e.g. gkd train recipes/tiny.yaml)", file=sys.stderr)
         return 2
     config = load_config(args.recipe, args.overrides)
-    from gkd.trainer import PREEMPTED_EXIT_CODE, GKDTrainer, Preempted
+    from gkd.trainer import PREEMPTED_EXIT_CODE, GKDTrainer, NonFiniteError, Preempted
 
     trainer = GKDTrainer(config)
     try:
@@ -31,6 +31,10 @@ def _train(args: argparse.Namespace) -> int:
         if trainer.accelerator.is_main_process:
             print(f"gkd train: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except NonFiniteError as e:
+        if trainer.accelerator.is_main_process:
+            print(f"gkd train: error: {e}", file=sys.stderr)
+        return 3
     if trainer.accelerator.is_main_process and history:
         last = history[-1]
         print(f"done: {trainer.step} steps, final loss {last['loss']:.4f}; outputs in {config.output_dir}")

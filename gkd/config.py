@@ -107,6 +107,7 @@ class GKDConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     mixed_precision: str = _f("no", "accelerate mixed precision: no | bf16 | fp16.")
     gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory.")
+    max_consecutive_skips: int = _f(5, "Steps with NaN/inf loss or gradients are skipped (not applied); this many in a row stop the run (0: never stop).")
     seed: int = _f(42, "Seed for weights-independent randomness: data order, sampling and the λ draws.")
 
     # --- output ---
@@ -140,6 +141,7 @@ class GKDConfig:
             (self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)"),
             (self.logging_steps > 0, "logging_steps", "must be > 0"),
             (self.save_steps >= 0, "save_steps", "must be >= 0"),
+            (self.max_consecutive_skips >= 0, "max_consecutive_skips", "must be >= 0"),
             (self.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps all)"),
             (self.lora_r >= 0, "lora_r", "must be >= 0 (0 disables LoRA)"),
             (self.lora_alpha > 0, "lora_alpha", "must be > 0"),

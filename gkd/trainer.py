@@ -67,7 +67,7 @@ from gkd.rollout import Rollout, SamplingParams, sample
 from gkd.scorer import check_tokenizers_match, completion_logits, output_vocab_size, score
 from gkd.task import resolve_model_path
 
-__all__ = ["PREEMPTED_EXIT_CODE", "GKDTrainer", "Preempted", "build_accelerator", "disable_dropout", "load_model", "load_tokenizer"]
+__all__ = ["PREEMPTED_EXIT_CODE", "GKDTrainer", "NonFiniteError", "Preempted", "build_accelerator", "disable_dropout", "load_model", "load_tokenizer"]
 
 logger = logging.getLogger("gkd")
 
@@ -111,6 +111,23 @@ class Preempted(Exception):
             f"received {signal_name}: stopped after step {step} and saved {checkpoint}; "
             "resume with the same command plus resume_from_checkpoint=latest"
         )
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps had NaN/inf values; the run stopped, checkpoints untouched."""
+
+    def __init__(self, step: int, cause: str, count: int, output_dir: Path):
+        from gkd.checkpoint import complete_checkpoints
+
+        saved = complete_checkpoints(output_dir)
+        last = f"the last good checkpoint {saved[-1]} is intact" if saved else "no checkpoint was saved yet"
+        hint = {
+            "teacher logits": "the teacher produced NaN/inf: check its weights and teacher_dtype (fp16 overflows; use bfloat16)",
+            "student logits": "the student diverged: lower learning_rate, keep max_grad_norm > 0, prefer bf16 over fp16",
+            "loss": "the divergence overflowed: lower loss_temperature extremes or learning_rate",
+            "gradients": "gradients overflowed: lower learning_rate, enable max_grad_norm, prefer bf16 over fp16",
+        }[cause]
+        super().__init__(f"step {step}: {count} consecutive steps skipped for non-finite {cause}; {hint}; {last}")
 
 
 class _Timers:
@@ -211,6 +228,8 @@ class GKDTrainer:
         self.ppo_generator = torch.Generator().manual_seed(cfg.seed + 7)
         self.timers = _Timers()
         self.minillm_state: dict[str, Any] | None = None  # MiniLLM buffer in progress (see minillm_iteration)
+        self.consecutive_skips = self.skipped_steps = 0
+        self._last_logits: tuple[torch.Tensor, torch.Tensor | None] = (torch.zeros(()), None)
         self.step = 0
         # data position: epoch and batches handed out in it, per stream (exact resume)
         self.data_pos = {"train": [0, 0], "lm": [0, 0]}
@@ -367,6 +386,7 @@ class GKDTrainer:
             teacher_logits = score(self.teacher, rollout, self.vocab_size).teacher_logits
         with self.timers("update"):
             student_logits = completion_logits(self.student, rollout, self.vocab_size)
+            self._last_logits = (student_logits, teacher_logits)
             div = distillation_loss_per_token(
                 student_logits, teacher_logits, divergence=cfg.divergence, beta=cfg.beta, skew=cfg.skew,
                 temperature=cfg.loss_temperature, kd_weight=cfg.kd_weight,
@@ -384,6 +404,7 @@ class GKDTrainer:
             teacher_logits = score(self.teacher, rollout, self.vocab_size).teacher_logits
         with self.timers("update"):
             student_logits = completion_logits(self.student, rollout, self.vocab_size)
+            self._last_logits = (student_logits, teacher_logits)
             logq = token_logprobs(student_logits, rollout.completion_ids, cfg.temperature)
             pg = ppo_clipped_loss(logq, rollout.mixed_logprobs, rollout.advantages, cfg.clip_eps)  # type: ignore[arg-type]
             weights = importance_weights(rollout.sampled_logprobs, rollout.mixed_logprobs) \
@@ -417,7 +438,8 @@ class GKDTrainer:
             lm_norm = self._global_count(lm_rollouts)
         scale = cfg.gradient_accumulation_steps * acc.num_processes
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
-        grad_norm = None
+        grad_norm, cause = None, None
+        deepspeed = distributed.zero_stage(acc) > 0
         for i, rollout in enumerate(rollouts):
             with acc.accumulate(self.student):
                 terms = loss_fn(rollout)
@@ -433,13 +455,23 @@ class GKDTrainer:
                                                            cfg.reduction)
                         sums["lm"] += lm_total.detach() * norm.to(lm_total.device) / lm_norm.to(lm_total.device)
                         objective = objective + cfg.lm_coef * lm_total / lm_norm.to(lm_total.device)
-                    acc.backward(objective * scale)
+                    # non-finite values: every rank skips this micro-batch's backward together
+                    if distributed.any_rank(not bool(torch.isfinite(objective))):
+                        cause = cause or self._diagnose_non_finite()
+                        if deepspeed:  # DeepSpeed counts micro-steps in backward: send a zero gradient
+                            acc.backward(torch.nan_to_num(self._last_logits[0].float()).sum() * 0.0)
+                    else:
+                        acc.backward(objective * scale)
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
                         grad_norm = acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()
+                        if grad_norm is not None and not math.isfinite(float(grad_norm)) and cause is None:
+                            cause = "gradients"
+                    if acc.sync_gradients and cause is None:
+                        self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        if cause is None:
+            self.scheduler.step()
         self.step += 1
         names = sorted(sums)
         glob = distributed.all_reduce_sum(torch.stack([sums[n] for n in names]).float().cpu()) / norm.cpu()
@@ -452,9 +484,31 @@ class GKDTrainer:
                        tokens=float(tokens))
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {self.step}")
+        self._count_skips(cause, metrics)
         return metrics
+
+    def _diagnose_non_finite(self) -> str:
+        """Which input made the loss non-finite (checked only after it happened)."""
+        student_logits, teacher_logits = self._last_logits
+        if teacher_logits is not None and not bool(torch.isfinite(teacher_logits).all()):
+            return "teacher logits"
+        if not bool(torch.isfinite(student_logits).all()):
+            return "student logits"
+        return "loss"
+
+    def _count_skips(self, cause: str | None, metrics: dict[str, float]) -> None:
+        """Skipped steps are counted; ``max_consecutive_skips`` in a row stop the run."""
+        cfg = self.config
+        if cause is None:
+            self.consecutive_skips = 0
+        else:
+            self.consecutive_skips += 1
+            self.skipped_steps += 1
+            logger.warning("step %d skipped: non-finite %s (%d in a row)", self.step, cause, self.consecutive_skips)
+        metrics["skipped"] = int(cause is not None)
+        metrics["skipped_total"] = self.skipped_steps
+        if cause is not None and 0 < cfg.max_consecutive_skips <= self.consecutive_skips:
+            raise NonFiniteError(self.step, cause, self.consecutive_skips, self.output_dir)
 
     def _global_count(self, rollouts: list[Rollout]) -> torch.Tensor:
         counts = [masked_sum_and_count(torch.zeros(r.completion_mask.shape), r.completion_mask.cpu(),
@@ -557,8 +611,8 @@ class GKDTrainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", on_policy=metrics["on_policy"],
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
-                    self.save_checkpoint()
+                if cfg.save_steps and self.step % cfg.save_steps == 0 and not metrics["skipped"]:
+                    self.save_checkpoint()  # never right after a skipped (non-finite) step
                 # a signal on any rank stops every rank after this step, with a checkpoint
                 if distributed.any_rank(stop["signal"] is not None) and self.step < cfg.max_steps:
                     path = self.save_checkpoint()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gkd.checkpoint import complete_checkpoints, find_resume_checkpoint
 
@@ -80,3 +82,63 @@ def test_sigkill_at_random_moments_never_breaks_resume(tmp_path, straight):
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _losses(out) == straight
+
+
+class _FlakyTeacher(torch.nn.Module):
+    """A teacher whose logits are NaN on chosen forward calls (counted per scoring call)."""
+
+    def __init__(self, inner: torch.nn.Module, bad_calls: set[int] | None = None, always: bool = False):
+        super().__init__()
+        self.inner, self.bad_calls, self.always, self.calls = inner, bad_calls or set(), always, 0
+        self.config = inner.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        if not kw.get("use_cache", False):  # a scoring pass, not a decoding step
+            self.calls += 1
+            if self.always or self.calls in self.bad_calls:
+                out.logits = torch.full_like(out.logits, float("nan"))
+        return out
+
+
+def _trainer(tmp_path, teacher, **overrides):
+    from gkd.config import GKDConfig
+    from gkd.trainer import GKDTrainer
+
+    values = dict(student="builtin:tiny-student", teacher="builtin:tiny-teacher", lmbda=0.0, max_new_tokens=9,
+                  num_train_examples=256, per_device_batch_size=8, max_steps=4, learning_rate=3e-3,
+                  output_dir=str(tmp_path / "run"), progress_bar=False, save_final_model=False)
+    cfg = GKDConfig(**{**values, **overrides})
+    return GKDTrainer(cfg, teacher=teacher, tokenizer=None)
+
+
+def test_nan_teacher_logits_skip_the_step_without_touching_weights(tmp_path):
+    from gkd.trainer import load_model
+
+    teacher = _FlakyTeacher(load_model("builtin:tiny-teacher"), bad_calls={2})
+    trainer = _trainer(tmp_path, teacher)
+    metrics = [trainer.train_step()]
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    metrics.append(trainer.train_step())  # teacher NaN here
+    after = [p.detach().clone() for p in trainer.student.parameters()]
+    metrics += [trainer.train_step(), trainer.train_step()]
+    assert [m["skipped"] for m in metrics] == [0, 1, 0, 0]
+    assert metrics[-1]["skipped_total"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # the bad step changed nothing
+    assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
+    assert math.isfinite(metrics[-1]["loss"])
+
+
+def test_consecutive_non_finite_steps_stop_with_a_clear_message(tmp_path):
+    from gkd.trainer import NonFiniteError, load_model
+
+    teacher = _FlakyTeacher(load_model("builtin:tiny-teacher"), bad_calls={3, 4, 5, 6})
+    trainer = _trainer(tmp_path, teacher, max_consecutive_skips=3, save_steps=1, max_steps=10)
+    with pytest.raises(NonFiniteError, match=r"step 5: 3 consecutive steps skipped for non-finite teacher logits"
+                                             r".*teacher_dtype.*checkpoint-2 is intact"):
+        trainer.train()
+    # the last good checkpoint loads and was written before the NaNs started
+    assert find_resume_checkpoint("latest", tmp_path / "run").name == "checkpoint-2"
