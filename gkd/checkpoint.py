@@ -13,11 +13,15 @@ import re
 import shutil
 from pathlib import Path
 
-__all__ = ["MARKER", "complete_checkpoints", "find_resume_checkpoint", "mark_completed", "rotate_checkpoints"]
+__all__ = ["MARKER", "CheckpointError", "complete_checkpoints", "find_resume_checkpoint", "mark_completed", "rotate_checkpoints"]
 
 logger = logging.getLogger("gkd")
 MARKER = "COMPLETED"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); earlier checkpoints are intact."""
 
 
 def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

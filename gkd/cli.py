@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from gkd.config import ConfigError
-    from gkd.rewards import RewardError
+    from gkd.checkpoint import CheckpointError
+    from gkd.config import InputError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, RewardError) as e:
+    except (InputError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"gkd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

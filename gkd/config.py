@@ -19,10 +19,17 @@ import yaml
 
 from gkd.losses import DIVERGENCES, REDUCTIONS
 
-__all__ = ["ConfigError", "GKDConfig", "apply_overrides", "load_config"]
+__all__ = ["ConfigError", "GKDConfig", "InputError", "apply_overrides", "load_config"]
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Something the user gave (recipe, data, models, reward functions) is invalid.
+
+    The command line prints the message as one line and exits with status 2; the message names the
+    offending value and what to do about it."""
+
+
+class ConfigError(InputError):
     """A recipe or override is invalid; the message says which value and how to fix it."""
 
 
@@ -43,7 +50,8 @@ class GKDConfig:
     dataset_format: str = _f("auto", "JSONL row format: 'prompt_completion' ({prompt, completion}), 'messages' (chat; last assistant turn is the reference), 'dolly' ({instruction, context, response}, Alpaca template) or 'auto'.")
     num_train_examples: int = _f(20000, "builtin:addition only: number of training problems generated.")
     max_digits: int = _f(4, "builtin:addition only: operands have 1..max_digits digits.")
-    max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are truncated from the left.")
+    max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are handled by long_prompts.")
+    long_prompts: str = _f("truncate", "Prompts over max_prompt_length: truncate (from the left, keeping the end) or skip; the count is logged.")
     teacher_dtype: str = _f("auto", "Teacher weights dtype: auto | float32 | bfloat16 | float16.")
     student_dtype: str = _f("float32", "Student weights dtype: float32 | bfloat16 | float16 (use mixed_precision for AMP).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model folders.")
@@ -169,6 +177,7 @@ class GKDConfig:
             "dataset_format": ["auto", "prompt_completion", "messages", "dolly"],
             "mixed_precision": ["no", "bf16", "fp16"],
             "ddp_backend": ["auto", "nccl", "gloo"],
+            "long_prompts": ["truncate", "skip"],
             "teacher_dtype": ["auto", "float32", "bfloat16", "float16"],
             "student_dtype": ["float32", "bfloat16", "float16"],
         }

@@ -8,13 +8,17 @@ columns (passed along for reward functions). Sources: the built-in task, or loca
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gkd.config import InputError
 from gkd.rollout import Rollout
+
+logger = logging.getLogger("gkd")
 
 __all__ = ["Example", "PromptDataset", "collate", "load_rows", "reference_rollout"]
 
@@ -39,21 +43,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
+                raise InputError(f"{path}:{lineno}: each line must be a JSON object")
             rows.append(row)
     if not rows:
-        raise ValueError(f"dataset file {str(path)!r} is empty")
+        raise InputError(f"dataset file {str(path)!r} is empty")
     return rows
 
 
 def _chat_row(row: dict[str, Any], tokenizer, where: str) -> dict[str, Any]:
     messages = row["messages"]
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{where}: 'messages' rows need a tokenizer with a chat template; this tokenizer has none")
+        raise InputError(f"{where}: 'messages' rows need a tokenizer with a chat template; this tokenizer has none")
     if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError(f"{where}: the last message must be the assistant's reference answer")
+        raise InputError(f"{where}: the last message must be the assistant's reference answer")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     return {**row, "prompt": prompt, "completion": messages[-1]["content"], "_chat": True}
 
@@ -72,7 +76,7 @@ ALPACA_PROMPT_WITH_INPUT = (
 def _dolly_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     """Dolly / MiniLLM format ``{instruction, context, response}`` with the Alpaca template."""
     if "instruction" not in row:
-        raise ValueError(f"{where}: missing column 'instruction' (found: {', '.join(sorted(row))})")
+        raise InputError(f"{where}: missing column 'instruction' (found: {', '.join(sorted(row))})")
     context = (row.get("context") or row.get("input") or "").strip()
     template = ALPACA_PROMPT_WITH_INPUT if context else ALPACA_PROMPT
     prompt = template.format(instruction=row["instruction"].strip(), context=context)
@@ -90,7 +94,7 @@ def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_exam
         train, _ = split_problems(num_examples, 512, max_digits=max_digits, seed=seed)
         return [{"prompt": p.prompt, "completion": p.completion} for p in train]
     if dataset.startswith("builtin:"):
-        raise ValueError(f"unknown built-in dataset {dataset!r}; valid: builtin:addition")
+        raise InputError(f"unknown built-in dataset {dataset!r}; valid: builtin:addition")
     path = Path(dataset)
     rows = _read_jsonl(path)
     out = []
@@ -103,11 +107,11 @@ def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_exam
             out.append(_dolly_row(row, where))
         elif fmt == "messages":
             if "messages" not in row:
-                raise ValueError(f"{where}: missing column 'messages'")
+                raise InputError(f"{where}: missing column 'messages'")
             out.append(_chat_row(row, tokenizer, where))
         else:
             if "prompt" not in row:
-                raise ValueError(f"{where}: missing column 'prompt' (found: {', '.join(sorted(row))})")
+                raise InputError(f"{where}: missing column 'prompt' (found: {', '.join(sorted(row))})")
             out.append(row)
     return out
 
@@ -115,11 +119,27 @@ def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_exam
 class PromptDataset(torch.utils.data.Dataset):
     """Tokenises rows lazily: prompt truncated from the left, reference + EOS cut at ``max_new_tokens``."""
 
-    def __init__(self, rows: list[dict[str, Any]], tokenizer, *, max_prompt_length: int, max_new_tokens: int):
+    def __init__(self, rows: list[dict[str, Any]], tokenizer, *, max_prompt_length: int, max_new_tokens: int,
+                 long_prompts: str = "truncate"):
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
-        self.rows, self.tokenizer = rows, tokenizer
+            raise InputError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
+        if long_prompts not in ("truncate", "skip"):
+            raise InputError(f"long_prompts={long_prompts!r} is not valid; choose truncate or skip")
+        self.tokenizer = tokenizer
         self.max_prompt_length, self.max_new_tokens = max_prompt_length, max_new_tokens
+        too_long = [i for i, row in enumerate(rows) if self._prompt_length(row) > max_prompt_length]
+        if too_long:
+            action = "skipped" if long_prompts == "skip" else "truncated from the left"
+            logger.warning("%d of %d prompts are longer than max_prompt_length=%d tokens and were %s",
+                           len(too_long), len(rows), max_prompt_length, action)
+        if long_prompts == "skip":
+            drop = set(too_long)
+            rows = [row for i, row in enumerate(rows) if i not in drop]
+        self.num_long_prompts = len(too_long)
+        self.rows = rows
+
+    def _prompt_length(self, row: dict[str, Any]) -> int:
+        return len(self.tokenizer(row["prompt"], add_special_tokens=not row.get("_chat")).input_ids)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -162,7 +182,7 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, Any]:
 def reference_rollout(batch: dict[str, Any]) -> Rollout:
     """An off-policy rollout made of the dataset's reference completions."""
     if "reference_ids" not in batch:
-        raise ValueError("off-policy steps need reference completions: every row needs a 'completion' (or set lmbda=1 / seq_kd)")
+        raise InputError("off-policy steps need reference completions: every row needs a 'completion' (or set lmbda=1 / seq_kd)")
     return Rollout(
         prompt_ids=batch["prompt_ids"],
         prompt_mask=batch["prompt_mask"],

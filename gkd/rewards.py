@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from gkd.config import InputError
+
 __all__ = ["RESERVED_KEYS", "RewardError", "RewardFn", "RewardFunctions", "load_reward_function"]
 
 #: A reward function: ``fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None]``.
@@ -44,7 +46,7 @@ _PREVIEW_CHARS = 60
 _MAX_LISTED = 8
 
 
-class RewardError(ValueError):
+class RewardError(InputError):
     """A reward function could not be loaded or misbehaved; the one-line message names it and says why."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gkd.config import InputError
 from gkd.rollout import Rollout, position_ids_from_mask
 
 __all__ = ["ScoredRollout", "check_tokenizers_match", "completion_logits", "output_vocab_size", "score"]
@@ -73,13 +74,13 @@ def check_tokenizers_match(student_tokenizer, teacher_tokenizer) -> None:
     if s_vocab != t_vocab:
         only_s = sorted(set(s_vocab.items()) - set(t_vocab.items()))[:3]
         only_t = sorted(set(t_vocab.items()) - set(s_vocab.items()))[:3]
-        raise ValueError(
+        raise InputError(
             "student and teacher tokenizers differ "
             f"(sizes {len(s_vocab)} vs {len(t_vocab)}; e.g. student-only {only_s}, teacher-only {only_t}). "
             "Token-level distillation needs the same tokenizer: pick a teacher and student of one model family."
         )
     if student_tokenizer.eos_token_id != teacher_tokenizer.eos_token_id:
-        raise ValueError(
+        raise InputError(
             "student and teacher tokenizers have different eos_token_id: "
             f"{student_tokenizer.eos_token_id} vs {teacher_tokenizer.eos_token_id}"
         )

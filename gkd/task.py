@@ -191,7 +191,9 @@ def resolve_model_path(name: str) -> str:
     if not name.startswith("builtin:"):
         return name
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; valid: {', '.join(BUILTIN_MODELS)}")
+        from gkd.config import InputError
+
+        raise InputError(f"unknown built-in model {name!r}; valid: {', '.join(BUILTIN_MODELS)}")
     import hashlib
     import json
     import os

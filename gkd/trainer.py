@@ -45,8 +45,15 @@ from accelerate.utils import (
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from gkd import distributed
-from gkd.checkpoint import MARKER, find_resume_checkpoint, mark_completed, rotate_checkpoints
-from gkd.config import ConfigError, GKDConfig
+from gkd.checkpoint import (
+    MARKER,
+    CheckpointError,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    mark_completed,
+    rotate_checkpoints,
+)
+from gkd.config import ConfigError, GKDConfig, InputError
 from gkd.data import PromptDataset, collate, load_rows, reference_rollout
 from gkd.losses import (
     distillation_loss_per_token,
@@ -85,7 +92,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The student's tokenizer; a missing pad token falls back to EOS (with a warning)."""
     tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer of {name_or_path!r} has no EOS token; completions could never end")
+        raise InputError(f"tokenizer of {name_or_path!r} has no EOS token; completions could never end")
     if tok.pad_token_id is None:
         logger.warning("tokenizer of %s has no pad token; using EOS (%s) for padding", name_or_path, tok.eos_token)
         tok.pad_token = tok.eos_token
@@ -184,7 +191,7 @@ class GKDTrainer:
         self.vocab_size = len(self.tokenizer)
         for name, model in (("student", student), ("teacher", teacher)):
             if model is not None and output_vocab_size(model) < self.vocab_size:
-                raise ValueError(
+                raise InputError(
                     f"{name} has {output_vocab_size(model)} output rows but the tokenizer has {self.vocab_size} tokens"
                 )
         if cfg.lora_r > 0:
@@ -218,7 +225,7 @@ class GKDTrainer:
         # teacher: replicated (no DeepSpeed / ZeRO-2) or ZeRO-3-sharded for inference, never with optimizer state
         self.teacher = distributed.prepare_teacher(teacher, acc) if teacher is not None else None
         if len(self.loader) == 0:
-            raise ValueError(
+            raise InputError(
                 f"{len(rows)} training rows give no full batch of per_device_batch_size={cfg.per_device_batch_size} "
                 f"on {acc.num_processes} process(es)"
             )
@@ -234,6 +241,8 @@ class GKDTrainer:
         # data position: epoch and batches handed out in it, per stream (exact resume)
         self.data_pos = {"train": [0, 0], "lm": [0, 0]}
         self.output_dir = Path(cfg.output_dir)
+        if acc.is_main_process:
+            _check_writable(self.output_dir)
         resume = find_resume_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         if resume is not None:
             self.load_checkpoint(resume)
@@ -265,7 +274,7 @@ class GKDTrainer:
     def _loader(self, rows: list[dict[str, Any]], seed: int) -> torch.utils.data.DataLoader:
         cfg = self.config
         dataset = PromptDataset(rows, self.tokenizer, max_prompt_length=cfg.max_prompt_length,
-                                max_new_tokens=cfg.max_new_tokens)
+                                max_new_tokens=cfg.max_new_tokens, long_prompts=cfg.long_prompts)
         return torch.utils.data.DataLoader(
             dataset, batch_size=cfg.per_device_batch_size, shuffle=True, drop_last=True,
             collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
@@ -635,6 +644,17 @@ class GKDTrainer:
         if acc.is_main_process and path.exists():  # a torn attempt at this step
             shutil.rmtree(path)
         acc.wait_for_everyone()
+        try:
+            self._write_checkpoint(path)
+        except OSError as e:
+            shutil.rmtree(path, ignore_errors=True)  # never leave a torn folder behind
+            saved = complete_checkpoints(self.output_dir)
+            last = f"the previous checkpoint {saved[-1]} is intact" if saved else "no earlier checkpoint exists"
+            raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; {last}") from e
+        return path
+
+    def _write_checkpoint(self, path: Path) -> None:
+        acc = self.accelerator
         acc.save_state(str(path))
         generators = {"sample": self.sample_generator.get_state(), "coin": self.coin.generator.get_state(),
                       "ppo": self.ppo_generator.get_state()}
@@ -651,7 +671,6 @@ class GKDTrainer:
             for old in rotate_checkpoints(self.output_dir, self.config.save_total_limit):
                 logger.info("removed old checkpoint %s (save_total_limit=%d)", old, self.config.save_total_limit)
         acc.wait_for_everyone()
-        return path
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything :meth:`save_checkpoint` wrote; the next step is exactly the one an
@@ -659,7 +678,7 @@ class GKDTrainer:
         acc = self.accelerator
         state = json.loads((path / "trainer_state.json").read_text())
         if state["num_processes"] != acc.num_processes:
-            raise ValueError(
+            raise InputError(
                 f"checkpoint {path} was written by {state['num_processes']} process(es); resuming with "
                 f"{acc.num_processes} would change the data order and sampling streams"
             )
@@ -760,6 +779,17 @@ def build_accelerator(cfg: GKDConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[InitProcessGroupKwargs(backend=backend)] if multi_process else [],
     )
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before training, not at the first checkpoint, when output_dir cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"output_dir={str(path)!r} is not writable: {e.strerror or e}") from None
 
 
 def _metrics_step(line: str) -> float:
