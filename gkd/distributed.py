@@ -15,6 +15,7 @@ __all__ = [
     "all_reduce_sum",
     "any_rank",
     "broadcast_from_main",
+    "check_deepspeed_batch_sizes",
     "is_distributed",
     "prepare_teacher",
     "world_size",
@@ -102,6 +103,30 @@ def zero_stage(accelerator) -> int:
     """DeepSpeed ZeRO stage of the run (0 without DeepSpeed)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def check_deepspeed_batch_sizes(ds_config: dict, per_device_batch_size: int, gradient_accumulation_steps: int,
+                                num_processes: int) -> None:
+    """DeepSpeed requires ``train_batch_size = micro_batch × accumulation × processes``; numbers written
+    into the JSON (instead of ``"auto"``) must agree with the recipe. Raises with the arithmetic."""
+    from gkd.config import ConfigError
+
+    micro = ds_config.get("train_micro_batch_size_per_gpu", "auto")
+    gas = ds_config.get("gradient_accumulation_steps", "auto")
+    total = ds_config.get("train_batch_size", "auto")
+    if micro != "auto" and int(micro) != per_device_batch_size:
+        raise ConfigError(f"DeepSpeed config train_micro_batch_size_per_gpu={micro} but per_device_batch_size="
+                          f"{per_device_batch_size}; set it to \"auto\" or make them equal")
+    if gas != "auto" and int(gas) != gradient_accumulation_steps:
+        raise ConfigError(f"DeepSpeed config gradient_accumulation_steps={gas} but the recipe has "
+                          f"{gradient_accumulation_steps}; set it to \"auto\" or make them equal")
+    want = per_device_batch_size * gradient_accumulation_steps * num_processes
+    if total != "auto" and int(total) != want:
+        raise ConfigError(
+            f"DeepSpeed config train_batch_size={total} must equal per_device_batch_size × "
+            f"gradient_accumulation_steps × processes = {per_device_batch_size} × {gradient_accumulation_steps} × "
+            f"{num_processes} = {want}; set it to \"auto\" or change the recipe"
+        )
 
 
 def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:

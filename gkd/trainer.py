@@ -176,6 +176,10 @@ class GKDTrainer:
         self.accelerator = acc = accelerator or build_accelerator(cfg)
         set_seed(cfg.seed)
         self._check_batch_arithmetic()
+        if distributed.zero_stage(acc):
+            distributed.check_deepspeed_batch_sizes(acc.state.deepspeed_plugin.deepspeed_config,
+                                                    cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
+                                                    acc.num_processes)
         need_teacher = teacher is None and not cfg.is_pure_sft
         with acc.main_process_first():  # one process fills caches (built-in models, tokenizer files) first
             student_path = resolve_model_path(cfg.student)

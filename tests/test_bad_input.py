@@ -146,3 +146,15 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(capsys, tmp_path, 
     assert "could not write checkpoint" in err and "No space left on device" in err
     assert "checkpoint-1 is intact" in err
     assert (out / "checkpoint-1" / "COMPLETED").exists() and not (out / "checkpoint-2").exists()
+
+
+def test_deepspeed_batch_arithmetic_is_explained():
+    from gkd.config import ConfigError
+    from gkd.distributed import check_deepspeed_batch_sizes
+
+    check_deepspeed_batch_sizes({"train_batch_size": "auto"}, 8, 2, 4)
+    check_deepspeed_batch_sizes({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8}, 8, 2, 4)
+    with pytest.raises(ConfigError, match=r"train_batch_size=60 must equal .* = 8 × 2 × 4 = 64"):
+        check_deepspeed_batch_sizes({"train_batch_size": 60}, 8, 2, 4)
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4 but per_device_batch_size=8"):
+        check_deepspeed_batch_sizes({"train_micro_batch_size_per_gpu": 4}, 8, 2, 4)
