@@ -158,3 +158,14 @@ def test_deepspeed_batch_arithmetic_is_explained():
         check_deepspeed_batch_sizes({"train_batch_size": 60}, 8, 2, 4)
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4 but per_device_batch_size=8"):
         check_deepspeed_batch_sizes({"train_micro_batch_size_per_gpu": 4}, 8, 2, 4)
+
+
+@pytest.mark.parametrize("body, expect", [
+    ("def reward(prompts, completions, **kw):\n    raise ValueError('boom')\n", "raised ValueError: boom at prompt index 0"),
+    ("def reward(prompts, completions, **kw):\n    return [1.0]\n", "returned 1 values for 8 prompts"),
+])
+def test_reward_function_errors_from_the_command_line(capsys, tmp_path, body, expect):
+    fn = tmp_path / "my_reward.py"
+    fn.write_text(body)
+    _fails(capsys, TINY, f"output_dir={tmp_path / 'run'}", *QUIET, "lmbda=1", "alpha=0.5",
+           f"reward_funcs=['{fn}:reward']", expect=expect)
