@@ -393,13 +393,19 @@ class GKDTrainer:
 
     # --- loss phase (per micro-batch; returns per-token tensors, "loss" is the objective) -----
 
-    def gkd_loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        cfg = self.config
+    def _logits(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher logits (scorer, no grad) and student logits (with grad) at completion positions."""
         with self.timers("score"):
             teacher_logits = score(self.teacher, rollout, self.vocab_size).teacher_logits
         with self.timers("update"):
             student_logits = completion_logits(self.student, rollout, self.vocab_size)
-            self._last_logits = (student_logits, teacher_logits)
+        self._last_logits = (student_logits, teacher_logits)  # kept for the non-finite diagnosis
+        return student_logits, teacher_logits
+
+    def gkd_loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        student_logits, teacher_logits = self._logits(rollout)
+        with self.timers("update"):
             div = distillation_loss_per_token(
                 student_logits, teacher_logits, divergence=cfg.divergence, beta=cfg.beta, skew=cfg.skew,
                 temperature=cfg.loss_temperature, kd_weight=cfg.kd_weight,
@@ -413,11 +419,8 @@ class GKDTrainer:
 
     def minillm_loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         cfg = self.config
-        with self.timers("score"):
-            teacher_logits = score(self.teacher, rollout, self.vocab_size).teacher_logits
+        student_logits, teacher_logits = self._logits(rollout)
         with self.timers("update"):
-            student_logits = completion_logits(self.student, rollout, self.vocab_size)
-            self._last_logits = (student_logits, teacher_logits)
             logq = token_logprobs(student_logits, rollout.completion_ids, cfg.temperature)
             pg = ppo_clipped_loss(logq, rollout.mixed_logprobs, rollout.advantages, cfg.clip_eps)  # type: ignore[arg-type]
             weights = importance_weights(rollout.sampled_logprobs, rollout.mixed_logprobs) \
