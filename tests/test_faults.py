@@ -19,8 +19,8 @@ from gkd.checkpoint import complete_checkpoints, find_resume_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
-STEPS = 40
-ARGS = [f"max_steps={STEPS}", "per_device_batch_size=32", "lmbda=0.5", "progress_bar=false", "save_final_model=false"]
+STEPS = 30
+ARGS = [f"max_steps={STEPS}", "per_device_batch_size=16", "lmbda=0.5", "progress_bar=false", "save_final_model=false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
 
 
