@@ -46,12 +46,14 @@ class GKDConfig:
     # --- models and data ---
     teacher: str | None = _f(None, "Teacher: Hugging Face id, local folder, or builtin:tiny-teacher (random-init, offline). May be empty only for pure SFT (divergence=kd, kd_weight=0, lmbda=0).")
     student: str = _f("", "Student to train: Hugging Face id, local folder, or builtin:tiny-student (its tokenizer is used).")
-    dataset: str = _f("builtin:addition", "Training prompts: 'builtin:addition' (the built-in task) or a local JSONL file.")
+    dataset: str = _f("builtin:addition", "Training prompts: 'builtin:addition' (the built-in task), a local .jsonl/.json/.parquet/.csv file, or a datasets hub name.")
+    dataset_split: str = _f("train", "Split to load when dataset is a datasets hub name.")
     dataset_format: str = _f("auto", "JSONL row format: 'prompt_completion' ({prompt, completion}), 'messages' (chat; last assistant turn is the reference), 'dolly' ({instruction, context, response}, Alpaca template) or 'auto'.")
     num_train_examples: int = _f(20000, "builtin:addition only: number of training problems generated.")
     max_digits: int = _f(4, "builtin:addition only: operands have 1..max_digits digits.")
     max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are handled by long_prompts.")
     long_prompts: str = _f("truncate", "Prompts over max_prompt_length: truncate (from the left, keeping the end) or skip; the count is logged.")
+    teacher_quantization: str = _f("none", "Load the teacher in 8bit or 4bit through bitsandbytes (needs a GPU and `pip install bitsandbytes`): none | 8bit | 4bit.")
     teacher_dtype: str = _f("auto", "Teacher weights dtype: auto | float32 | bfloat16 | float16.")
     student_dtype: str = _f("float32", "Student weights dtype: float32 | bfloat16 | float16 (use mixed_precision for AMP).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model folders.")
@@ -121,6 +123,8 @@ class GKDConfig:
     # --- output ---
     output_dir: str = _f("runs/gkd", "Where metrics.jsonl, config.yaml, checkpoints and the final model go.")
     logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
+    report_to: list[str] = _f(["none"], "Trackers besides metrics.jsonl, through accelerate: tensorboard, wandb, or none.")
+    log_samples_steps: int = _f(0, "Every N steps, log a few student completions with their teacher log-prob to the log and samples.jsonl (0: never).")
     save_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
     save_total_limit: int = _f(0, "Keep only the newest N complete checkpoints (0 keeps all).")
     resume_from_checkpoint: str | None = _f(None, "'latest' (newest complete checkpoint in output_dir, or a fresh start if none) or a checkpoint folder.")
@@ -148,6 +152,7 @@ class GKDConfig:
             (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
             (self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)"),
             (self.logging_steps > 0, "logging_steps", "must be > 0"),
+            (self.log_samples_steps >= 0, "log_samples_steps", "must be >= 0"),
             (self.save_steps >= 0, "save_steps", "must be >= 0"),
             (self.max_consecutive_skips >= 0, "max_consecutive_skips", "must be >= 0"),
             (self.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps all)"),
@@ -178,6 +183,7 @@ class GKDConfig:
             "mixed_precision": ["no", "bf16", "fp16"],
             "ddp_backend": ["auto", "nccl", "gloo"],
             "long_prompts": ["truncate", "skip"],
+            "teacher_quantization": ["none", "8bit", "4bit"],
             "teacher_dtype": ["auto", "float32", "bfloat16", "float16"],
             "student_dtype": ["float32", "bfloat16", "float16"],
         }
@@ -186,6 +192,10 @@ class GKDConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(valid)}")
         if not self.student:
             raise ConfigError("student is required: a Hugging Face id or a local model folder")
+        trackers = {"tensorboard", "wandb", "none"}
+        for tracker in self.report_to:
+            if tracker not in trackers:
+                raise ConfigError(f"report_to entry {tracker!r} is not valid; choose from: {', '.join(sorted(trackers))}")
         if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(
                 f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has {len(self.reward_funcs)}"

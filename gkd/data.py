@@ -20,7 +20,7 @@ from gkd.rollout import Rollout
 
 logger = logging.getLogger("gkd")
 
-__all__ = ["Example", "PromptDataset", "collate", "load_rows", "reference_rollout"]
+__all__ = ["Example", "PromptDataset", "collate", "load_rows", "normalize_rows", "reference_rollout"]
 
 
 @dataclass
@@ -84,25 +84,47 @@ def _dolly_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     return {**row, "prompt": prompt, "completion": response}
 
 
-def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_examples: int = 20000,
-              max_digits: int = 4, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows ``{prompt, completion, ...}`` from ``builtin:addition`` or a local JSONL file in
-    ``prompt_completion``, chat ``messages`` or Dolly ``instruction/context/response`` format."""
-    if dataset == "builtin:addition":
-        from gkd.task import split_problems
+_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
-        train, _ = split_problems(num_examples, 512, max_digits=max_digits, seed=seed)
-        return [{"prompt": p.prompt, "completion": p.completion} for p in train]
-    if dataset.startswith("builtin:"):
-        raise InputError(f"unknown built-in dataset {dataset!r}; valid: builtin:addition")
+
+def _load_with_datasets(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
+    """Rows of a local JSONL / JSON / Parquet / CSV file or a ``datasets.load_dataset`` source
+    (a hub name works on machines with internet). JSONL errors are reported with file and line."""
+    import datasets
+
     path = Path(dataset)
-    rows = _read_jsonl(path)
+    suffix = path.suffix.lower()
+    if suffix in _FILE_TYPES:
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file {str(path)!r} not found")
+        if suffix == ".jsonl":
+            _read_jsonl(path)  # validates every line first, so a broken one is named with its line number
+        try:
+            ds = datasets.load_dataset(_FILE_TYPES[suffix], data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; report one line
+            raise InputError(f"cannot read dataset file {str(path)!r}: {str(e).splitlines()[0]}") from None
+        rows = [dict(r) for r in ds]
+        if not rows:
+            raise InputError(f"dataset file {str(path)!r} is empty")
+        return rows, str(path)
+    if path.exists():
+        raise InputError(f"dataset {dataset!r}: unsupported file type; use .jsonl, .json, .parquet or .csv")
+    try:
+        ds = datasets.load_dataset(dataset, split=split)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"cannot load dataset {dataset!r} (split {split!r}): {str(e).splitlines()[0]}") from None
+    return [dict(r) for r in ds], dataset
+
+
+def normalize_rows(rows: list[dict[str, Any]], tokenizer, *, dataset_format: str = "auto",
+                   source: str = "dataset") -> list[dict[str, Any]]:
+    """Bring rows of any supported format to ``{prompt, completion, ...}`` (extra columns kept)."""
     out = []
     for i, row in enumerate(rows, 1):
         fmt = dataset_format
         if fmt == "auto":
             fmt = "messages" if "messages" in row else "dolly" if "instruction" in row else "prompt_completion"
-        where = f"{path}:{i}"
+        where = f"{source}:{i}"
         if fmt == "dolly":
             out.append(_dolly_row(row, where))
         elif fmt == "messages":
@@ -114,6 +136,22 @@ def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_exam
                 raise InputError(f"{where}: missing column 'prompt' (found: {', '.join(sorted(row))})")
             out.append(row)
     return out
+
+
+def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_examples: int = 20000,
+              max_digits: int = 4, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """Rows ``{prompt, completion, ...}`` from ``builtin:addition``, a local file (through
+    ``datasets``) or a ``datasets`` hub name, in ``prompt_completion``, chat ``messages`` or Dolly
+    ``instruction/context/response`` format."""
+    if dataset == "builtin:addition":
+        from gkd.task import split_problems
+
+        train, _ = split_problems(num_examples, 512, max_digits=max_digits, seed=seed)
+        return [{"prompt": p.prompt, "completion": p.completion} for p in train]
+    if dataset.startswith("builtin:"):
+        raise InputError(f"unknown built-in dataset {dataset!r}; valid: builtin:addition")
+    rows, source = _load_with_datasets(dataset, split)
+    return normalize_rows(rows, tokenizer, dataset_format=dataset_format, source=source)
 
 
 class PromptDataset(torch.utils.data.Dataset):

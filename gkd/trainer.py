@@ -54,7 +54,7 @@ from gkd.checkpoint import (
     rotate_checkpoints,
 )
 from gkd.config import ConfigError, GKDConfig, InputError
-from gkd.data import PromptDataset, collate, load_rows, reference_rollout
+from gkd.data import PromptDataset, collate, load_rows, normalize_rows, reference_rollout
 from gkd.losses import (
     distillation_loss_per_token,
     importance_weights,
@@ -99,10 +99,26 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False) -> torch.nn.Module:
-    """A causal LM through ``from_pretrained`` (hub id or local folder)."""
+def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False,
+               quantization: str = "none") -> torch.nn.Module:
+    """A causal LM through ``from_pretrained`` (hub id or local folder); ``quantization`` 8bit/4bit
+    loads it through bitsandbytes (inference only: used for the teacher)."""
+    kwargs: dict[str, Any] = {}
+    if quantization != "none":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise InputError(
+                f"teacher_quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes (GPU only)"
+            )
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     return AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+        resolve_model_path(name_or_path), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs
     )
 
 
@@ -191,7 +207,7 @@ class GKDTrainer:
         if student is None:
             student = load_model(student_path, cfg.student_dtype, cfg.trust_remote_code)
         if teacher_path is not None:
-            teacher = load_model(teacher_path, cfg.teacher_dtype, cfg.trust_remote_code)
+            teacher = load_model(teacher_path, cfg.teacher_dtype, cfg.trust_remote_code, cfg.teacher_quantization)
         self.vocab_size = len(self.tokenizer)
         for name, model in (("student", student), ("teacher", teacher)):
             if model is not None and output_vocab_size(model) < self.vocab_size:
@@ -210,11 +226,12 @@ class GKDTrainer:
             teacher.requires_grad_(False).eval()
         self.rewards = RewardFunctions.from_specs(cfg.reward_funcs, cfg.reward_weights or None)
 
-        rows = train_rows if train_rows is not None else self._load_rows(cfg.dataset)
+        rows = self._given_rows(train_rows) if train_rows is not None else self._load_rows(cfg.dataset)
         loader = self._loader(rows, cfg.seed)
         lm_loader = None
         if cfg.lm_coef > 0:
-            lm_loader = self._loader(lm_rows if lm_rows is not None else self._load_rows(cfg.lm_dataset), cfg.seed + 1)
+            lm_loader = self._loader(self._given_rows(lm_rows) if lm_rows is not None else self._load_rows(cfg.lm_dataset),
+                                     cfg.seed + 1)
         optimizer = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad],
             lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -255,6 +272,10 @@ class GKDTrainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
+        self.trackers = [t for t in cfg.report_to if t != "none"]
+        if self.trackers:
+            scalars = {k: v for k, v in cfg.to_dict().items() if isinstance(v, int | float | str | bool)}
+            acc.init_trackers("gkd", config=scalars)
 
     # --- setup helpers ----------------------------------------------------------------------
 
@@ -273,7 +294,13 @@ class GKDTrainer:
     def _load_rows(self, dataset: str | None) -> list[dict[str, Any]]:
         cfg = self.config
         return load_rows(dataset or "", self.tokenizer, dataset_format=cfg.dataset_format,
-                         num_examples=cfg.num_train_examples, max_digits=cfg.max_digits, seed=cfg.seed)
+                         num_examples=cfg.num_train_examples, max_digits=cfg.max_digits, seed=cfg.seed,
+                         split=cfg.dataset_split)
+
+    def _given_rows(self, rows: Any) -> list[dict[str, Any]]:
+        """Rows passed to the Python API: a list of dicts, a ``datasets.Dataset`` or any iterable of rows."""
+        return normalize_rows([dict(r) for r in rows], self.tokenizer, dataset_format=self.config.dataset_format,
+                              source="train_rows")
 
     def _loader(self, rows: list[dict[str, Any]], seed: int) -> torch.utils.data.DataLoader:
         cfg = self.config
@@ -548,6 +575,8 @@ class GKDTrainer:
                 self.gkd_advantages(rollouts)
         metrics = self.optimize(rollouts, self.gkd_loss)
         metrics.update(reward_metrics, on_policy=int(on_policy))
+        if cfg.log_samples_steps and self.step % cfg.log_samples_steps == 0:
+            self.log_samples(rollouts[0])
         if distributed.is_distributed():  # how many ranks took this step on-policy: 0 or all, never a mix
             metrics["on_policy_ranks"] = int(distributed.all_reduce_sum(torch.tensor(float(on_policy))).item())
         return self._timing(metrics, start)
@@ -577,6 +606,8 @@ class GKDTrainer:
                 state["next"] += cfg.gradient_accumulation_steps
                 metrics = self.optimize([state["buffer"][i] for i in idx], self.minillm_loss)
                 metrics.update(state["shared"], on_policy=1, ppo_epoch=state["epoch"])
+                if cfg.log_samples_steps and self.step % cfg.log_samples_steps == 0:
+                    self.log_samples(state["buffer"][idx[0]])
                 if state["next"] >= n_micro:  # this was the epoch's last minibatch
                     state["epoch"], state["order"] = state["epoch"] + 1, None
                     if state["epoch"] == cfg.ppo_epochs:
@@ -613,6 +644,10 @@ class GKDTrainer:
             bar.close()
         if cfg.save_final_model:
             self.save_model(self.output_dir / "final")
+            if self.accelerator.is_main_process:
+                write_model_card(self.output_dir / "final", cfg, history)
+        if self.trackers:
+            self.accelerator.end_training()
         return history
 
     def _train_loop(self, history: list[dict[str, float]], bar: Any, stop: dict[str, Any]) -> None:
@@ -637,9 +672,34 @@ class GKDTrainer:
                     raise Preempted(stop["signal"] or "a signal on another rank", self.step, path)
 
     def log(self, metrics: dict[str, float]) -> None:
+        """One line of ``metrics.jsonl`` and, with ``report_to``, the same scalars to the trackers."""
+        if self.trackers:
+            self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
         if self.accelerator.is_main_process:
             with (self.output_dir / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
+
+    @torch.no_grad()
+    def log_samples(self, rollout: Rollout, n: int = 2) -> None:
+        """A few completions of the current step with the teacher's mean token log-prob on them."""
+        if not self.accelerator.is_main_process:
+            return
+        teacher_logits = score(self.teacher, rollout, self.vocab_size).teacher_logits if self.teacher else None
+        with (self.output_dir / "samples.jsonl").open("a") as fh:
+            for i in range(min(n, rollout.completion_ids.shape[0])):
+                mask = rollout.completion_mask[i]
+                ids = rollout.completion_ids[i][mask]
+                record = {
+                    "step": self.step, "on_policy": int(rollout.on_policy),
+                    "prompt": self.tokenizer.decode(rollout.prompt_ids[i][rollout.prompt_mask[i]]),
+                    "completion": self.tokenizer.decode(ids),
+                }
+                if teacher_logits is not None:
+                    logp = token_logprobs(teacher_logits[i : i + 1], rollout.completion_ids[i : i + 1])[0][mask]
+                    record["teacher_logprob_mean"] = float(logp.mean()) if logp.numel() else None
+                logger.info("sample step %d: %r -> %r (teacher log-prob %s)", self.step, record["prompt"][-80:],
+                            record["completion"][:80], record.get("teacher_logprob_mean"))
+                fh.write(json.dumps(record) + "\n")
 
     def save_checkpoint(self) -> Path:
         """``accelerator.save_state`` (model, optimizer, scheduler, RNG of every rank; sharded under
@@ -778,7 +838,10 @@ def build_accelerator(cfg: GKDConfig) -> Accelerator:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    trackers = [t for t in cfg.report_to if t != "none"]
     return Accelerator(
+        log_with=trackers or None,
+        project_dir=cfg.output_dir,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
@@ -786,6 +849,40 @@ def build_accelerator(cfg: GKDConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[InitProcessGroupKwargs(backend=backend)] if multi_process else [],
     )
+
+
+def write_model_card(path: Path, cfg: GKDConfig, history: list[dict[str, float]]) -> None:
+    """``README.md`` beside the saved student: recipe, teacher, algorithm and final metrics."""
+    last = history[-1] if history else {}
+    keep = ("loss", "divergence", "pg", "single_step", "reward", "completion_len_mean", "skipped_total")
+    metrics = "\n".join(f"| {k} | {last[k]:.6g} |" for k in keep if k in last)
+    algo = "MiniLLM (Gu et al. 2024)" if cfg.algorithm == "minillm" else "GKD (Agarwal et al. 2024)"
+    settings = (f"teacher_mix={cfg.teacher_mix}, ppo_epochs={cfg.ppo_epochs}, num_rollouts={cfg.num_rollouts}"
+                if cfg.algorithm == "minillm" else f"lmbda={cfg.lmbda}, divergence={cfg.divergence}, beta={cfg.beta}")
+    lora = f"LoRA adapters (r={cfg.lora_r}, alpha={cfg.lora_alpha}) on `{cfg.student}`" if cfg.lora_r else "full weights"
+    text = f"""---
+library_name: transformers
+tags: [gkd, knowledge-distillation, {cfg.algorithm}]
+---
+# Student distilled with gkd
+
+- **Algorithm:** {algo}; {settings}
+- **Teacher:** `{cfg.teacher}`
+- **Student initialisation:** `{cfg.student}` ({lora})
+- **Data:** `{cfg.dataset}`; max_new_tokens={cfg.max_new_tokens}
+- **Training:** {len(history)} logged optimizer steps of this run (max_steps={cfg.max_steps}),
+  per_device_batch_size={cfg.per_device_batch_size}, gradient_accumulation_steps={cfg.gradient_accumulation_steps},
+  learning_rate={cfg.learning_rate}, seed={cfg.seed}
+
+## Final step metrics
+
+| metric | value |
+|---|---|
+{metrics}
+
+The full recipe is in `../config.yaml`, per-step metrics in `../metrics.jsonl`.
+"""
+    (path / "README.md").write_text(text)
 
 
 def _check_writable(path: Path) -> None:
