@@ -176,7 +176,7 @@ def sample(
         q_logps.append(_gather_alive(q_logp, tok, alive))
         if p_logp is not None:
             p_logps.append(_gather_alive(p_logp, tok, alive))
-            mix_logps.append(_gather_alive(probs.log(), tok, alive))
+            mix_logps.append(torch.where(alive, probs.gather(-1, tok[:, None]).squeeze(-1).log(), 0.0))
         finished = finished | torch.isin(tok, eos)
         done = bool(finished.all())
         if (all_ranks_done(done) if all_ranks_done is not None else done) or len(tokens) == params.max_new_tokens:
