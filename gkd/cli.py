@@ -22,6 +22,7 @@ def _train(args: argparse.Namespace) -> int:
         print("gkd train: error: a recipe file is required (e.g. gkd train recipes/tiny.yaml)", file=sys.stderr)
         return 2
     config = load_config(args.recipe, args.overrides)
+    from gkd.distributed import shutdown
     from gkd.trainer import PREEMPTED_EXIT_CODE, GKDTrainer, NonFiniteError, Preempted
 
     trainer = GKDTrainer(config)
@@ -30,11 +31,14 @@ def _train(args: argparse.Namespace) -> int:
     except Preempted as e:
         if trainer.accelerator.is_main_process:
             print(f"gkd train: {e}", file=sys.stderr)
+        shutdown(synchronize=False)
         return PREEMPTED_EXIT_CODE
     except NonFiniteError as e:
         if trainer.accelerator.is_main_process:
             print(f"gkd train: error: {e}", file=sys.stderr)
+        shutdown(synchronize=False)
         return 3
+    shutdown()
     if trainer.accelerator.is_main_process and history:
         last = history[-1]
         print(f"done: {trainer.step} steps, final loss {last['loss']:.4f}; outputs in {config.output_dir}")

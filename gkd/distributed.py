@@ -18,6 +18,7 @@ __all__ = [
     "check_deepspeed_batch_sizes",
     "is_distributed",
     "prepare_teacher",
+    "shutdown",
     "world_size",
     "zero_stage",
 ]
@@ -25,6 +26,24 @@ __all__ = [
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shutdown(synchronize: bool = True) -> None:
+    """Tear the process group down before interpreter exit.
+
+    Left to interpreter shutdown, the gloo / DeepSpeed shared-memory communicator threads can be
+    destroyed while still joinable, which aborts the process ("terminate called without an active
+    exception", SIGABRT) *after* training finished. ``synchronize`` waits for every rank first; pass
+    False on error paths where another rank may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()
 
 
 def world_size() -> int:
