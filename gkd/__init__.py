@@ -5,17 +5,20 @@ Data flows ``data → rollout → scorer → losses → trainer``; see DESIGN an
 
 from gkd.config import ConfigError, GKDConfig, load_config
 from gkd.losses import distillation_loss_per_token, generalized_jsd, reduce_loss
+from gkd.objectives import Objective, parse_objectives
 from gkd.rollout import Rollout, SamplingParams, sample
 
 __all__ = [
     "ConfigError",
     "GKDConfig",
     "GKDTrainer",
+    "Objective",
     "Rollout",
     "SamplingParams",
     "distillation_loss_per_token",
     "generalized_jsd",
     "load_config",
+    "parse_objectives",
     "reduce_loss",
     "sample",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from gkd.losses import DIVERGENCES, REDUCTIONS
+from gkd.losses import LOGIT_OBJECTIVES, REDUCTIONS
 
 __all__ = ["ConfigError", "GKDConfig", "InputError", "apply_overrides", "load_config"]
 
@@ -68,13 +68,22 @@ class GKDConfig:
 
     # --- GKD algorithm (DESIGN §1.2) ---
     lmbda: float = _f(0.5, "λ: probability that an optimizer step is on-policy (completions sampled from the student). 0 = supervised KD, 1 = fully on-policy.")
-    divergence: str = _f("jsd", f"Token-level divergence: one of {', '.join(sorted(DIVERGENCES))}.")
+    divergence: str = _f("jsd", f"Token-level objective when `objectives` is empty: one of {', '.join(LOGIT_OBJECTIVES)}.")
     beta: float = _f(0.5, "β of the generalized JSD (divergence=jsd): 0 = forward KL, 1 = reverse KL.")
     skew: float = _f(0.1, "Skew a of skew_forward_kl / skew_reverse_kl (DistiLLM).")
     kd_weight: float = _f(0.5, "Classic KD (divergence=kd): weight w of the soft term; (1 − w) goes to CE on reference tokens.")
-    loss_temperature: float = _f(1.0, "Temperature τ applied to both models' logits inside the divergence.")
+    loss_temperature: float = _f(1.0, "Temperature τ applied to both models' logits inside the divergence (the start value when loss_temperature_end is set).")
+    loss_temperature_end: float | None = _f(None, "Final loss temperature of a schedule (None: constant loss_temperature).")
+    loss_temperature_schedule: str = _f("constant", "How τ moves from loss_temperature to loss_temperature_end over max_steps: constant | linear | cosine.")
+    temperature_squared: bool = _f(False, "Multiply jsd / KLs / tvd / skew divergences by τ² (Hinton's gradient-scale correction; kd and dkd always carry it).")
     reduction: str = _f("token_mean", f"Loss reduction: {' | '.join(REDUCTIONS)} (token_mean over the global batch of the optimizer step).")
     seq_kd: bool = _f(False, "Off-policy steps use the teacher's own samples instead of dataset references (SeqKD).")
+
+    # --- more objectives (DKD, logit MSE, hidden states, attention) and their weighted sum ---
+    objectives: list[str] = _f([], "Weighted sum of objectives, e.g. ['0.7*jsd(beta=0.5)', '0.3*hidden_mse']; entries WEIGHT*NAME(key=value). Names: the divergences, dkd, logit_mse, hidden_mse, hidden_cosine, attention_kl. Empty: 1·divergence. With minillm they are added to its loss.")
+    dkd_alpha: float = _f(1.0, "dkd: weight α of the target-class term TCKD (Zhao et al. 2022).")
+    dkd_beta: float = _f(1.0, "dkd: weight β of the non-target term NCKD (the paper uses 8 on CIFAR-100, 0.5 on ImageNet).")
+    layer_map: dict[int, int] = _f({}, "Hidden / attention objectives: {student_layer: teacher_layer} with output_hidden_states indices (0 = embeddings, i = block i); empty = uniform map of every student block.")
 
     # --- MiniLLM (DESIGN §1.3) ---
     teacher_mix: float = _f(0.2, "minillm: share of the teacher in the sampling mixture p̃ = mix·p + (1−mix)·q (paper α).")
@@ -117,6 +126,9 @@ class GKDConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     mixed_precision: str = _f("no", "accelerate mixed precision: no | bf16 | fp16.")
     gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory.")
+    loss_chunk_size: int = _f(1024, "Memory-lean loss: completion tokens per chunk; the loss and its gradient are formed a chunk at a time, so at most one (chunk, vocab) fp32 block is alive (0: all at once, plain autograd).")
+    fused_lm_head: bool = _f(False, "Never materialise the student's logits: multiply its final hidden states by the LM head a chunk at a time inside the loss (needs a plain bias-free head; not under ZeRO-3).")
+    teacher_topk: int = _f(0, "Keep only the teacher's k most likely tokens per position plus a tail bucket, scored from its hidden states a chunk at a time (0: full vocabulary; k = vocab size is exact). Not with dkd / logit_mse.")
     max_consecutive_skips: int = _f(5, "Steps with NaN/inf loss or gradients are skipped (not applied); this many in a row stop the run (0: never stop).")
     seed: int = _f(42, "Seed for weights-independent randomness: data order, sampling and the λ draws.")
 
@@ -140,6 +152,11 @@ class GKDConfig:
             (0.0 <= self.skew <= 1.0, "skew", "must be in [0, 1]"),
             (0.0 <= self.kd_weight <= 1.0, "kd_weight", "must be in [0, 1]"),
             (self.loss_temperature > 0, "loss_temperature", "must be > 0"),
+            (self.loss_temperature_end is None or self.loss_temperature_end > 0, "loss_temperature_end", "must be > 0"),
+            (self.dkd_alpha >= 0, "dkd_alpha", "must be >= 0"),
+            (self.loss_chunk_size >= 0, "loss_chunk_size", "must be >= 0 (0: unchunked)"),
+            (self.teacher_topk >= 0, "teacher_topk", "must be >= 0 (0: full vocabulary)"),
+            (self.dkd_beta >= 0, "dkd_beta", "must be >= 0"),
             (self.temperature > 0, "temperature", "must be > 0"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be >= 0 (0 disables)"),
@@ -177,7 +194,8 @@ class GKDConfig:
         choices = {
             "algorithm": ["gkd", "minillm"],
             "reward_baseline": ["batch", "group"],
-            "divergence": sorted(DIVERGENCES),
+            "divergence": list(LOGIT_OBJECTIVES),
+            "loss_temperature_schedule": ["constant", "linear", "cosine"],
             "reduction": list(REDUCTIONS),
             "dataset_format": ["auto", "prompt_completion", "messages", "dolly"],
             "mixed_precision": ["no", "bf16", "fp16"],
@@ -190,6 +208,18 @@ class GKDConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(valid)}")
+        from gkd.objectives import parse_objectives
+
+        objectives = parse_objectives(self.objectives) or parse_objectives([self.divergence])
+        if self.teacher_topk:
+            from gkd.losses import TOPK_OBJECTIVES
+
+            for obj in objectives:
+                if obj.name not in TOPK_OBJECTIVES and not (obj.uses_hidden or obj.uses_attention):
+                    raise ConfigError(f"teacher_topk={self.teacher_topk} cannot be used with {obj.name!r}, which needs every "
+                                      f"teacher logit; set teacher_topk: 0 or use one of {', '.join(TOPK_OBJECTIVES)}")
+        if self.loss_temperature_schedule != "constant" and self.loss_temperature_end is None:
+            raise ConfigError(f"loss_temperature_schedule={self.loss_temperature_schedule!r} needs loss_temperature_end")
         if not self.student:
             raise ConfigError("student is required: a Hugging Face id or a local model folder")
         trackers = {"tensorboard", "wandb", "none"}
@@ -217,7 +247,7 @@ class GKDConfig:
     def is_pure_sft(self) -> bool:
         """Cross-entropy on reference completions only: no teacher needed."""
         return (self.algorithm == "gkd" and self.divergence == "kd" and self.kd_weight == 0.0 and self.lmbda == 0.0
-                and not self.seq_kd)
+                and not self.seq_kd and not self.objectives)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,6 +291,16 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{name}={value!r} must be a list")
         return [_coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if isinstance(value, str):  # "1:2,2:4" on the command line
+            try:
+                value = dict(item.split(":", 1) for item in value.replace(" ", "").split(",") if item)
+            except ValueError:
+                raise ConfigError(f"{name}={value!r} must be a mapping like {{1: 2, 2: 4}} or '1:2,2:4'") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} must be a mapping like {{1: 2, 2: 4}}")
+        return {_coerce(f"{name} key", k, key_tp): _coerce(f"{name}[{k}]", v, val_tp) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

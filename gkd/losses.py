@@ -1,4 +1,5 @@
-"""Token-level distillation losses (DESIGN §1.1, GKD paper eq. 1, DistiLLM, Hinton KD).
+"""Token-level distillation losses (DESIGN §1.1, GKD paper eq. 1, DistiLLM, Hinton KD, DKD,
+logit MSE, hidden-state and attention distillation).
 
 Every function here is a pure tensor function: it takes logits ``(B, T, V)`` in any dtype,
 computes log-softmax in fp32, and returns per-token values ``(B, T)`` or a scalar.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,16 @@ import torch.nn.functional as F
 __all__ = [
     "DIVERGENCES",
     "REDUCTIONS",
+    "TOPK_OBJECTIVES",
+    "TeacherTopK",
+    "bucket_log_probs",
     "DivergenceFn",
+    "LOGIT_OBJECTIVES",
+    "attention_kl_per_token",
+    "dkd_per_token",
+    "hidden_cosine_per_token",
+    "hidden_mse_per_token",
+    "logit_mse_per_token",
     "distillation_loss_per_token",
     "forward_kl",
     "generalized_jsd",
@@ -47,6 +58,48 @@ __all__ = [
 ]
 
 REDUCTIONS = ("token_mean", "sequence_mean")
+
+
+@dataclass
+class TeacherTopK:
+    """The teacher's distribution compressed to its ``k`` most likely tokens plus a tail bucket.
+
+    ``indices``/``logprobs`` ``(..., k)``: token ids and their log-probs; ``log_tail`` ``(...)``: the
+    log-probability of all other tokens together (``LOG_ZERO`` when it is 0). Divergences are then
+    taken between the two distributions coarsened to these ``k + 1`` buckets
+    (:func:`bucket_log_probs`), exact when ``k`` equals the vocabulary size.
+    """
+
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+    log_tail: torch.Tensor
+    LOG_ZERO = -1.0e4  # exp() underflows to exactly 0 in fp32, and stays finite in gradients
+
+    def rows(self, rows: slice) -> TeacherTopK:
+        return TeacherTopK(self.indices[rows], self.logprobs[rows], self.log_tail[rows])
+
+    def reshape(self, *shape: int) -> TeacherTopK:
+        k = self.indices.shape[-1]
+        return TeacherTopK(self.indices.reshape(*shape, k), self.logprobs.reshape(*shape, k),
+                           self.log_tail.reshape(*shape))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.log_tail.shape
+
+
+def bucket_log_probs(student_logits: torch.Tensor, teacher: TeacherTopK, temperature: float = 1.0) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs over the ``k + 1`` buckets (teacher's top-k tokens, then the
+    rest), ``(..., k + 1)`` each, fp32. The student's tail is ``logsumexp`` over its non-top-k logits
+    minus its full ``logsumexp`` (no cancellation)."""
+    s = student_logits.float() / temperature
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    top = s.gather(-1, teacher.indices) - lse
+    rest = torch.logsumexp(s.scatter(-1, teacher.indices, float("-inf")), -1, keepdim=True) - lse
+    s_b = torch.cat([top, rest.clamp(min=TeacherTopK.LOG_ZERO)], -1)
+    t_b = torch.cat([teacher.logprobs.float(), teacher.log_tail.float().unsqueeze(-1)], -1)
+    return s_b, t_b
 
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -172,6 +225,76 @@ def kd_per_token(
     return loss
 
 
+def dkd_per_token(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022, eq. 7) per position: ``T²·(α·TCKD + β·NCKD)``.
+
+    ``targets`` ``(B, T)`` is the target token: the reference token on off-policy batches, the
+    sampled token on on-policy ones. TCKD = ``KL(b^T‖b^S)`` over the binary split
+    ``[p_y, 1 − p_y]``; NCKD = ``KL(p̂^T‖p̂^S)`` over the non-target tokens renormalised
+    (``p̂_v = p_v/(1 − p_y)``). With α = 1 and β = 1 − p_y^T this is exactly ``KL(p‖q)`` (eq. 4).
+    Everything is formed from log-sum-exps, so ``p_y → 1`` stays finite.
+    """
+    s = student_logits.float() / temperature
+    t = teacher_logits.float() / temperature
+    idx = targets.long().unsqueeze(-1)
+    is_target = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+    neg_inf = torch.tensor(float("-inf"), device=s.device)
+
+    def split(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lse = torch.logsumexp(z, -1)
+        non_target = torch.where(is_target, neg_inf, z)
+        lse_nt = torch.logsumexp(non_target, -1)
+        log_py = z.gather(-1, idx).squeeze(-1) - lse  # log p_y
+        log_rest = lse_nt - lse  # log(1 − p_y), without cancellation
+        return log_py, log_rest, non_target - lse_nt.unsqueeze(-1)  # last: log p̂ (−inf at the target)
+
+    t_py, t_rest, t_hat = split(t)
+    s_py, s_rest, s_hat = split(s)
+    tckd = t_py.exp() * (t_py - s_py) + t_rest.exp() * (t_rest - s_rest)
+    nckd = _kl(t_hat, s_hat)
+    return temperature**2 * (alpha * tckd + beta * nckd)
+
+
+def logit_mse_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Logit matching (Tang et al. 2019, eq. 2): ``(1/V)·Σ_v (z^S_v − z^T_v)²`` per position, raw logits."""
+    return (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
+
+
+def hidden_mse_per_token(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden-state MSE (FitNets / TinyBERT eq. 8): ``(1/H)·‖h^S W − h^T‖²`` per position.
+
+    ``student_hidden`` is already projected to the teacher's width ``H``; inputs ``(B, T, H)``."""
+    return (student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1)
+
+
+def hidden_cosine_per_token(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden-state cosine distance (DistilBERT's cosine loss): ``1 − cos(h^S W, h^T)`` per position."""
+    return 1.0 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1, eps=1e-8)
+
+
+def attention_kl_per_token(student_attn: torch.Tensor, teacher_attn: torch.Tensor) -> torch.Tensor:
+    """Attention-map distillation (MiniLM, Wang et al. 2020, eq. 5): ``KL(A^T‖A^S)`` over the keys of
+    each query, averaged over heads. Inputs ``(B, heads, T, S)`` attention probabilities (rows sum to
+    1); returns ``(B, T)``. Keys the teacher gives probability 0 (padding) contribute 0."""
+    t = teacher_attn.float()
+    s_log = student_attn.float().clamp(min=torch.finfo(torch.float32).tiny).log()
+    t_log = t.clamp(min=torch.finfo(torch.float32).tiny).log()
+    kl = torch.where(t > 0, t * (t_log - s_log), torch.zeros((), device=t.device)).sum(-1)
+    return kl.mean(1)
+
+
+#: Objectives computed from the two models' logits alone; ``divergence`` may be any of these.
+LOGIT_OBJECTIVES: tuple[str, ...] = (*sorted(DIVERGENCES), "dkd", "logit_mse")
+
+
 def distillation_loss_per_token(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -182,12 +305,23 @@ def distillation_loss_per_token(
     temperature: float = 1.0,
     kd_weight: float = 0.5,
     labels: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    dkd_alpha: float = 1.0,
+    dkd_beta: float = 1.0,
+    temperature_squared: bool = False,
 ) -> torch.Tensor:
-    """Per-token loss ``(B, T)`` of the configured objective (the GKD loss of Algorithm 1).
+    """Per-token loss ``(B, T)`` of one logit objective (the GKD loss of Algorithm 1).
 
-    ``labels`` are only used by ``kd`` (CE on reference tokens, never on student samples).
+    ``labels`` are only used by ``kd`` (CE on reference tokens, never on student samples);
+    ``targets`` (the completion tokens, reference or sampled) only by ``dkd``. ``kd`` and ``dkd``
+    carry their papers' ``T²`` factor; ``temperature_squared`` adds it to the other divergences.
     """
-    fn = get_divergence(divergence)
+    if divergence not in LOGIT_OBJECTIVES:
+        raise ValueError(f"unknown divergence {divergence!r}; valid: {', '.join(LOGIT_OBJECTIVES)}")
+    if isinstance(teacher_logits, TeacherTopK):
+        return _topk_loss_per_token(student_logits, teacher_logits, divergence=divergence, beta=beta, skew=skew,
+                                    temperature=temperature, kd_weight=kd_weight, labels=labels,
+                                    temperature_squared=temperature_squared)
     if divergence == "kd":
         return kd_per_token(student_logits, teacher_logits, labels, kd_weight=kd_weight, temperature=temperature)
     if teacher_logits is None:
@@ -197,12 +331,47 @@ def distillation_loss_per_token(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ; slice both to the tokenizer's length first"
         )
+    if divergence == "logit_mse":
+        return logit_mse_per_token(student_logits, teacher_logits)
+    if divergence == "dkd":
+        if targets is None:
+            raise ValueError("dkd needs the target tokens (targets=completion ids)")
+        return dkd_per_token(student_logits, teacher_logits, targets, alpha=dkd_alpha, beta=dkd_beta,
+                             temperature=temperature)
+    fn = get_divergence(divergence)
     s, t = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
     if divergence == "jsd":
-        return fn(s, t, beta=beta)
-    if divergence.startswith("skew_"):
-        return fn(s, t, skew=skew)
-    return fn(s, t)
+        out = fn(s, t, beta=beta)
+    elif divergence.startswith("skew_"):
+        out = fn(s, t, skew=skew)
+    else:
+        out = fn(s, t)
+    return out * temperature**2 if temperature_squared else out
+
+
+#: objectives that work on a top-k teacher (the others need every teacher logit)
+TOPK_OBJECTIVES = (*sorted(DIVERGENCES),)
+
+
+def _topk_loss_per_token(student_logits: torch.Tensor, teacher: TeacherTopK, *, divergence: str, beta: float,
+                         skew: float, temperature: float, kd_weight: float, labels: torch.Tensor | None,
+                         temperature_squared: bool) -> torch.Tensor:
+    """A divergence between the bucketed distributions (:class:`TeacherTopK`); exact for ``k = V``."""
+    if divergence not in TOPK_OBJECTIVES:
+        raise ValueError(f"{divergence!r} needs the full teacher distribution; it cannot use teacher_topk "
+                         f"(valid with teacher_topk: {', '.join(TOPK_OBJECTIVES)})")
+    s, t = bucket_log_probs(student_logits, teacher, temperature)
+    if divergence == "kd":
+        loss = torch.zeros(student_logits.shape[:-1], dtype=torch.float32, device=student_logits.device)
+        if kd_weight > 0:
+            loss = loss + kd_weight * temperature**2 * forward_kl(s, t)
+        if labels is not None and kd_weight < 1:
+            loss = loss - (1.0 - kd_weight) * log_probs(student_logits).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+        return loss
+    fn = get_divergence(divergence)
+    out = fn(s, t, beta=beta) if divergence == "jsd" else fn(s, t, skew=skew) if divergence.startswith("skew_") \
+        else fn(s, t)
+    return out * temperature**2 if temperature_squared else out
 
 
 # --- reduction --------------------------------------------------------------------------------
@@ -358,7 +527,10 @@ def single_step_reverse_kl(
 ) -> torch.Tensor:
     """MiniLLM eq. 3 single-step term: exact ``KL(q_θ,t‖p_t)`` over the vocabulary per position,
     gradient through ``q_θ``; optionally scaled by (detached) importance weights ``w_t`` (eq. 7)."""
-    kl = reverse_kl(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
+    if isinstance(teacher_logits, TeacherTopK):
+        kl = reverse_kl(*bucket_log_probs(student_logits, teacher_logits, temperature))
+    else:
+        kl = reverse_kl(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
     return kl if weights is None else kl * weights.detach().float()
 
 

@@ -61,6 +61,7 @@ class Rollout:
     rewards: torch.Tensor | None = None  # (B,) user reward, weighted sum over reward functions
     reward_mask: torch.Tensor | None = None  # (B,) bool, False where no function gave a reward
     advantages: torch.Tensor | None = None  # (B,) GKD reward term or (B, L) MiniLLM long-term advantage
+    teacher_cache: tuple | None = None  # (τ, TeacherTopK): a MiniLLM buffer's teacher scores, reused across epochs
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + L)

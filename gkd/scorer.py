@@ -13,10 +13,21 @@ from dataclasses import dataclass
 
 import torch
 
+from gkd.chunked import teacher_topk
 from gkd.config import InputError
+from gkd.losses import TeacherTopK
 from gkd.rollout import Rollout, position_ids_from_mask
 
-__all__ = ["ScoredRollout", "check_tokenizers_match", "completion_logits", "output_vocab_size", "score"]
+__all__ = [
+    "CompletionOutputs",
+    "ScoredRollout",
+    "check_tokenizers_match",
+    "completion_logits",
+    "completion_outputs",
+    "lm_head",
+    "output_vocab_size",
+    "score",
+]
 
 
 @dataclass
@@ -24,7 +35,20 @@ class ScoredRollout:
     """A rollout with the teacher's view of it; what the loss consumes."""
 
     rollout: Rollout
-    teacher_logits: torch.Tensor | None  # (B, L, V) teacher logits at completion positions, V = len(tokenizer)
+    teacher_logits: torch.Tensor | TeacherTopK | None  # (B, L, V) teacher logits at completion positions (V =
+    # len(tokenizer)), or their top-k compression (teacher_topk)
+    teacher_hidden: dict[int, torch.Tensor] | None = None  # layer → (B, L, H_T) hidden states (hidden objectives)
+    teacher_attentions: dict[int, torch.Tensor] | None = None  # block → (B, heads, L, S) attention probabilities
+
+
+@dataclass
+class CompletionOutputs:
+    """A model's view of the completion positions: logits and, on request, hidden states / attentions."""
+
+    logits: torch.Tensor | None  # (B, L, V); None when final_hidden is asked for instead
+    hidden: dict[int, torch.Tensor] | None = None  # hidden_states index → (B, L, H); 0 = embeddings
+    final_hidden: torch.Tensor | None = None  # (B, L, H) input of the LM head (fused / top-k paths)
+    attentions: dict[int, torch.Tensor] | None = None  # block index (1-based) → (B, heads, L, S)
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:
@@ -35,10 +59,23 @@ def output_vocab_size(model: torch.nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def completion_logits(model: torch.nn.Module, rollout: Rollout, vocab_size: int | None = None) -> torch.Tensor:
-    """Logits ``(B, L, V)`` predicting each completion token, ``V = vocab_size`` (slice) if given.
+def completion_outputs(
+    model: torch.nn.Module,
+    rollout: Rollout,
+    vocab_size: int | None = None,
+    *,
+    hidden_layers: tuple[int, ...] = (),
+    attention_layers: tuple[int, ...] = (),
+    final_hidden: bool = False,
+) -> CompletionOutputs:
+    """Logits ``(B, L, V)`` predicting each completion token (``V = vocab_size`` slice if given) and,
+    if asked, the hidden states / attention rows at those same positions for the given layers.
 
+    ``final_hidden=True`` returns the LM head's input ``(B, L, H)`` instead of the logits (only the
+    last position's logits are computed, and used to check that the logits really are
+    ``head(final hidden)``: models with logit soft-capping or scaling fail with a clear error).
     Gradient flows if the caller has it enabled (student); wrap in ``torch.no_grad`` for the teacher.
+    Attention maps need eager attention (``model.set_attn_implementation("eager")``).
     """
     input_ids = rollout.input_ids
     attention = rollout.attention_mask
@@ -47,20 +84,97 @@ def completion_logits(model: torch.nn.Module, rollout: Rollout, vocab_size: int 
         input_ids=input_ids,
         attention_mask=attention,
         position_ids=position_ids_from_mask(attention),
-        logits_to_keep=length + 1,
+        logits_to_keep=1 if final_hidden else length + 1,
         use_cache=False,
+        output_hidden_states=bool(hidden_layers) or final_hidden,
+        output_attentions=bool(attention_layers),
     )
-    logits = out.logits[:, -(length + 1) : -1]
-    return logits if vocab_size is None else logits[..., :vocab_size]
+    rows = slice(-(length + 1), -1)  # the positions whose output predicts completion tokens
+    if final_hidden:
+        last = out.hidden_states[-1]
+        _check_head_input(model, last[:, -1], out.logits[:, -1])
+        result = CompletionOutputs(None, final_hidden=last[:, rows])
+    else:
+        logits = out.logits[:, rows]
+        result = CompletionOutputs(logits if vocab_size is None else logits[..., :vocab_size])
+    if hidden_layers:
+        result.hidden = {i: out.hidden_states[i][:, rows] for i in hidden_layers}
+    if attention_layers:
+        if out.attentions is None or any(a is None for a in out.attentions):
+            raise InputError("the model returned no attention maps; attention_kl needs eager attention")
+        result.attentions = {i: out.attentions[i - 1][:, :, rows] for i in attention_layers}
+    return result
+
+
+def lm_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The model's output head as a plain bias-free ``nn.Linear`` (what the fused / top-k paths multiply
+    by); anything else (a LoRA-wrapped or biased head) is a clear error."""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engines
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        raise InputError(
+            f"fused_lm_head / teacher_topk need a plain bias-free nn.Linear output head, got {type(head).__name__}"
+            f"{' with a bias' if getattr(head, 'bias', None) is not None else ''}; set fused_lm_head: false / "
+            "teacher_topk: 0 (or keep LoRA off the head)"
+        )
+    return head
+
+
+def _check_head_input(model: torch.nn.Module, last_hidden: torch.Tensor, logits: torch.Tensor) -> None:
+    head = lm_head(model)
+    with torch.no_grad():
+        expect = head(last_hidden.to(head.weight.dtype)).float()
+    got = logits.detach().float()
+    tol = (1e-3 if got.dtype == torch.float32 and head.weight.dtype == torch.float32 else 2e-2) * max(
+        1.0, float(got.abs().max()))
+    if expect.shape != got.shape or float((expect - got).abs().max()) > tol:
+        raise InputError(
+            f"{type(getattr(model, 'module', model)).__name__}'s logits are not lm_head(last hidden state) (logit "
+            "soft-capping or scaling?); set fused_lm_head: false and teacher_topk: 0 for this model"
+        )
+
+
+def completion_logits(model: torch.nn.Module, rollout: Rollout, vocab_size: int | None = None) -> torch.Tensor:
+    """Logits ``(B, L, V)`` predicting each completion token, ``V = vocab_size`` (slice) if given.
+
+    Gradient flows if the caller has it enabled (student); wrap in ``torch.no_grad`` for the teacher.
+    """
+    logits = completion_outputs(model, rollout, vocab_size).logits
+    assert logits is not None
+    return logits
 
 
 @torch.no_grad()
-def score(teacher: torch.nn.Module | None, rollout: Rollout, vocab_size: int | None = None) -> ScoredRollout:
-    """Teacher logits on the rollout, teacher in eval mode with no gradient."""
+def score(
+    teacher: torch.nn.Module | None,
+    rollout: Rollout,
+    vocab_size: int | None = None,
+    *,
+    hidden_layers: tuple[int, ...] = (),
+    attention_layers: tuple[int, ...] = (),
+    topk: int = 0,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> ScoredRollout:
+    """Teacher logits (and requested hidden states / attentions) on the rollout, eval mode, no gradient.
+
+    With ``topk > 0`` the teacher's distribution at ``temperature`` is kept as top-k log-probs plus a
+    tail bucket (:class:`gkd.losses.TeacherTopK`), formed from its final hidden states a chunk of
+    ``chunk_size`` positions at a time, so full teacher logits are never materialised."""
     if teacher is None:
         return ScoredRollout(rollout=rollout, teacher_logits=None)
     teacher.eval()
-    return ScoredRollout(rollout=rollout, teacher_logits=completion_logits(teacher, rollout, vocab_size))
+    out = completion_outputs(teacher, rollout, vocab_size, hidden_layers=hidden_layers,
+                             attention_layers=attention_layers, final_hidden=topk > 0)
+    teacher_view: torch.Tensor | TeacherTopK | None = out.logits
+    if topk > 0:
+        assert out.final_hidden is not None
+        b, length, h = out.final_hidden.shape
+        teacher_view = teacher_topk(out.final_hidden.reshape(b * length, h), topk, head=lm_head(teacher),
+                                    vocab_size=vocab_size, temperature=temperature,
+                                    chunk_size=chunk_size or b * length).reshape(b, length)
+    return ScoredRollout(rollout=rollout, teacher_logits=teacher_view, teacher_hidden=out.hidden,
+                         teacher_attentions=out.attentions)
 
 
 def check_tokenizers_match(student_tokenizer, teacher_tokenizer) -> None:

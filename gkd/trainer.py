@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -53,10 +53,11 @@ from gkd.checkpoint import (
     mark_completed,
     rotate_checkpoints,
 )
+from gkd.chunked import ChunkFn, chunked_loss, token_weights
 from gkd.config import ConfigError, GKDConfig, InputError
 from gkd.data import PromptDataset, collate, load_rows, normalize_rows, reference_rollout
 from gkd.losses import (
-    distillation_loss_per_token,
+    TeacherTopK,
     importance_weights,
     kd_per_token,
     masked_moments,
@@ -69,9 +70,26 @@ from gkd.losses import (
     token_logprobs,
     whiten,
 )
+from gkd.objectives import (
+    PROJECTION_ATTR,
+    HiddenProjection,
+    objective_terms,
+    parse_objectives,
+    resolve_layer_map,
+    temperature_at,
+)
 from gkd.rewards import RewardFunctions
 from gkd.rollout import Rollout, SamplingParams, sample
-from gkd.scorer import check_tokenizers_match, completion_logits, output_vocab_size, score
+from gkd.scorer import (
+    CompletionOutputs,
+    ScoredRollout,
+    check_tokenizers_match,
+    completion_logits,
+    completion_outputs,
+    lm_head,
+    output_vocab_size,
+    score,
+)
 from gkd.task import resolve_model_path
 
 __all__ = ["PREEMPTED_EXIT_CODE", "GKDTrainer", "NonFiniteError", "Preempted", "build_accelerator", "disable_dropout", "load_model", "load_tokenizer"]
@@ -216,6 +234,14 @@ class GKDTrainer:
                 )
         if cfg.lora_r > 0:
             student = add_lora(student, cfg)
+        if cfg.fused_lm_head:
+            if distributed.zero_stage(acc) == 3:
+                raise ConfigError("fused_lm_head is not supported under ZeRO-3 (the head weight is sharded); use "
+                                  "loss_chunk_size alone, which bounds the loss's memory the same way")
+            lm_head(student)  # a plain bias-free head, or a clear error now rather than at the first step
+        if cfg.teacher_topk and teacher is not None:
+            lm_head(teacher)
+        self._setup_objectives(student, teacher)
         disable_dropout(student)
         if cfg.gradient_checkpointing:
             student.gradient_checkpointing_enable()
@@ -278,6 +304,49 @@ class GKDTrainer:
             acc.init_trackers("gkd", config=scalars)
 
     # --- setup helpers ----------------------------------------------------------------------
+
+    def _setup_objectives(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> None:
+        """Parse the weighted objectives; for hidden-state / attention objectives resolve the layer map,
+        switch both models to eager attention if attention maps are needed, and attach the learned
+        hidden-state projection to the student (so DDP / DeepSpeed / checkpoints treat it as the
+        student's own parameters; :meth:`save_model` drops it)."""
+        cfg = self.config
+        explicit = parse_objectives(cfg.objectives)
+        self.objectives = explicit or parse_objectives([cfg.divergence])
+        self.hidden_layers: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        self.attention_layers: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        self.layer_map: dict[int, int] = {}
+        uses_hidden = any(o.uses_hidden for o in explicit)
+        uses_attention = any(o.uses_attention for o in explicit)
+        if not (uses_hidden or uses_attention):
+            return
+        assert teacher is not None
+        s_cfg, t_cfg = student.config, teacher.config
+        self.layer_map = resolve_layer_map(cfg.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+        if uses_hidden:
+            self.hidden_layers = (tuple(self.layer_map), tuple(self.layer_map.values()))
+            projection = HiddenProjection(self.layer_map, s_cfg.hidden_size, t_cfg.hidden_size, seed=cfg.seed)
+            student.add_module(PROJECTION_ATTR, projection.to(next(student.parameters()).device))
+        if uses_attention:
+            heads = (s_cfg.num_attention_heads, t_cfg.num_attention_heads)
+            if heads[0] != heads[1]:
+                raise InputError(
+                    f"attention_kl needs the same number of attention heads, but the student has {heads[0]} and the "
+                    f"teacher {heads[1]}; drop attention_kl from objectives"
+                )
+            pairs = {s: t for s, t in self.layer_map.items() if s > 0 and t > 0}
+            if not pairs:
+                raise ConfigError(f"attention_kl needs layer_map pairs of blocks (>= 1), got {self.layer_map}")
+            self.attention_layers = (tuple(pairs), tuple(pairs.values()))
+            for model in (student, teacher):
+                model.set_attn_implementation("eager")  # sdpa / flash kernels return no attention maps
+
+    @property
+    def loss_temperature(self) -> float:
+        """τ of the current step under ``loss_temperature_schedule``."""
+        cfg = self.config
+        return temperature_at(self.step, cfg.max_steps, cfg.loss_temperature, cfg.loss_temperature_end,
+                              cfg.loss_temperature_schedule)
 
     def _check_batch_arithmetic(self) -> None:
         cfg, world = self.config, self.accelerator.num_processes
@@ -420,43 +489,179 @@ class GKDTrainer:
 
     # --- loss phase (per micro-batch; returns per-token tensors, "loss" is the objective) -----
 
-    def _logits(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher logits (scorer, no grad) and student logits (with grad) at completion positions."""
+    def _score(self, rollout: Rollout) -> ScoredRollout:
+        """The teacher's view of a rollout (scorer, no grad): full logits or top-k, plus hidden states /
+        attentions for those objectives. A MiniLLM buffer's top-k scores are computed once and reused
+        by every PPO epoch (valid while τ is unchanged)."""
+        cfg = self.config
+        tau = self.loss_temperature
+        cacheable = cfg.teacher_topk > 0 and not self.hidden_layers[1] and not self.attention_layers[1]
+        if cacheable and rollout.teacher_cache is not None and rollout.teacher_cache[0] == tau:
+            return ScoredRollout(rollout=rollout, teacher_logits=rollout.teacher_cache[1])
+        scored = score(self.teacher, rollout, self.vocab_size, hidden_layers=self.hidden_layers[1],
+                       attention_layers=self.attention_layers[1], topk=cfg.teacher_topk, temperature=tau,
+                       chunk_size=cfg.loss_chunk_size)
+        if cacheable and cfg.algorithm == "minillm" and isinstance(scored.teacher_logits, TeacherTopK):
+            rollout.teacher_cache = (tau, scored.teacher_logits)
+        return scored
+
+    def _outputs(self, rollout: Rollout) -> tuple[CompletionOutputs, ScoredRollout]:
+        """Teacher view (scorer, no grad) and student view (with grad) of the completion positions:
+        logits (or, with ``fused_lm_head``, the LM head's input), plus hidden states / attention maps
+        when an objective needs them."""
         with self.timers("score"):
-            teacher_logits = score(self.teacher, rollout, self.vocab_size).teacher_logits
+            scored = self._score(rollout)
         with self.timers("update"):
-            student_logits = completion_logits(self.student, rollout, self.vocab_size)
-        self._last_logits = (student_logits, teacher_logits)  # kept for the non-finite diagnosis
-        return student_logits, teacher_logits
+            student = completion_outputs(self.student, rollout, self.vocab_size, hidden_layers=self.hidden_layers[0],
+                                         attention_layers=self.attention_layers[0],
+                                         final_hidden=self.config.fused_lm_head)
+        teacher = scored.teacher_logits
+        self._last_logits = (  # kept for the non-finite diagnosis
+            student.logits if student.logits is not None else student.final_hidden,  # type: ignore[arg-type]
+            teacher.logprobs if isinstance(teacher, TeacherTopK) else teacher,
+        )
+        return student, scored
+
+    def _run_loss(self, rollout: Rollout, student: CompletionOutputs, fn: ChunkFn,
+                  extra_loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Apply the per-token function ``fn`` at every completion position: all at once with plain
+        autograd (``loss_chunk_size: 0``), or a chunk at a time with the gradient formed in forward
+        (:func:`gkd.chunked.chunked_loss`; the scalar comes back as ``"_sum"``). ``extra_loss`` (per
+        token, hidden-state / attention objectives) is added to ``"loss"``."""
+        cfg = self.config
+        b, length = rollout.completion_ids.shape
+        head = None
+        if student.final_hidden is not None:
+            x, head = student.final_hidden.reshape(b * length, -1), lm_head(self.student).weight
+        else:
+            x = student.logits.reshape(b * length, -1)  # type: ignore[union-attr]
+        if cfg.loss_chunk_size == 0 and head is None:
+            terms = {k: v.reshape(b, length) for k, v in fn(x, slice(None)).items()}
+        else:
+            weights = token_weights(rollout.completion_mask, cfg.reduction).reshape(-1).to(x.device)
+            total, flat = chunked_loss(fn, x, weights, head=head, vocab_size=self.vocab_size if head is not None else None,
+                                       chunk_size=cfg.loss_chunk_size or b * length)
+            terms = {k: v.reshape(b, length) for k, v in flat.items()}
+            if extra_loss is not None:
+                total = total + (token_weights(rollout.completion_mask, cfg.reduction).to(extra_loss.device)
+                                 * torch.where(rollout.completion_mask, extra_loss, 0.0)).sum()
+            terms["_sum"] = total
+        if extra_loss is not None:
+            terms["loss"] = terms["loss"] + extra_loss
+        return terms
+
+    def _structure_terms(self, rollout: Rollout, student: CompletionOutputs, scored: ScoredRollout,
+                         ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Hidden-state / attention objectives (no vocabulary axis: computed on whole tensors):
+        ``(Σ w_i·objective_i or None, {label: objective_i})``."""
+        structural = [o for o in self.objectives if o.uses_hidden or o.uses_attention]
+        if not structural:
+            return None, {}
+        projection = getattr(self.accelerator.unwrap_model(self.student), PROJECTION_ATTR, None) \
+            if self.hidden_layers[0] else None
+        terms = objective_terms(
+            structural, student_logits=None, teacher_logits=None, completion_ids=rollout.completion_ids,  # type: ignore[arg-type]
+            on_policy=rollout.on_policy, defaults=self._objective_defaults(), temperature=self.loss_temperature,
+            student_hidden=student.hidden, teacher_hidden=scored.teacher_hidden, layer_map=self.layer_map,
+            projection=projection, student_attentions=student.attentions, teacher_attentions=scored.teacher_attentions,
+        )
+        total = sum((o.weight * terms[o.label] for o in structural), torch.zeros(()))
+        return total, terms
+
+    def _objective_defaults(self) -> dict[str, float]:
+        cfg = self.config
+        return {"beta": cfg.beta, "skew": cfg.skew, "kd_weight": cfg.kd_weight, "dkd_alpha": cfg.dkd_alpha,
+                "dkd_beta": cfg.dkd_beta}
+
+    def _logit_terms_fn(self, rollout: Rollout, teacher: torch.Tensor | TeacherTopK | None) -> Callable[
+            [torch.Tensor, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """``rows → (Σ w_i·logit objective_i, {label: objective_i})`` on a chunk of student logits."""
+        cfg = self.config
+        b, length = rollout.completion_ids.shape
+        logit_objectives = [o for o in self.objectives if not (o.uses_hidden or o.uses_attention)]
+        ids = rollout.completion_ids.reshape(-1)
+        flat_teacher = teacher.reshape(b * length) if isinstance(teacher, TeacherTopK) else \
+            teacher.reshape(b * length, -1) if teacher is not None else None
+        defaults, tau = self._objective_defaults(), self.loss_temperature
+
+        def terms_fn(z: torch.Tensor, rows: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            t = flat_teacher.rows(rows) if isinstance(flat_teacher, TeacherTopK) else \
+                flat_teacher[rows] if flat_teacher is not None else None
+            terms = objective_terms(logit_objectives, student_logits=z, teacher_logits=t, completion_ids=ids[rows],
+                                    on_policy=rollout.on_policy, defaults=defaults, temperature=tau,
+                                    temperature_squared=cfg.temperature_squared)
+            total = sum((o.weight * terms[o.label] for o in logit_objectives), torch.zeros((), device=z.device))
+            return total, terms
+
+        return terms_fn
 
     def gkd_loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """GKD per-token loss ``α·Σ_i w_i·D_i + (1−α)·(−A·log q_θ(y_t))`` (Algorithm 1, eq. 5)."""
         cfg = self.config
-        student_logits, teacher_logits = self._logits(rollout)
+        student, scored = self._outputs(rollout)
         with self.timers("update"):
-            div = distillation_loss_per_token(
-                student_logits, teacher_logits, divergence=cfg.divergence, beta=cfg.beta, skew=cfg.skew,
-                temperature=cfg.loss_temperature, kd_weight=cfg.kd_weight,
-                labels=None if rollout.on_policy else rollout.completion_ids,
-            )
-            if cfg.alpha == 1.0 or not rollout.on_policy or rollout.advantages is None:
-                return {"loss": div, "divergence": div}
-            logq = token_logprobs(student_logits, rollout.completion_ids, cfg.temperature)
-            pg = policy_gradient_loss(logq, rollout.advantages)
-            return {"loss": cfg.alpha * div + (1.0 - cfg.alpha) * pg, "divergence": div, "reward_pg": pg}
+            b, length = rollout.completion_ids.shape
+            ids = rollout.completion_ids.reshape(-1)
+            with_reward = cfg.alpha < 1.0 and rollout.on_policy and rollout.advantages is not None
+            adv = rollout.advantages[:, None].expand(b, length).reshape(-1) if with_reward else None  # type: ignore[index]
+            logit_terms = self._logit_terms_fn(rollout, scored.teacher_logits)
+            structure, structure_terms = self._structure_terms(rollout, student, scored)
+            alpha = cfg.alpha if with_reward else 1.0
+
+            def fn(z: torch.Tensor, rows: Any) -> dict[str, torch.Tensor]:
+                div, terms = logit_terms(z, rows)
+                out = {"divergence": div}
+                if cfg.objectives:  # each part of the weighted sum logged on its own
+                    out.update({f"loss_{label}": value for label, value in terms.items()})
+                if adv is None:
+                    out["loss"] = div
+                    return out
+                logq = token_logprobs(z, ids[rows], cfg.temperature)
+                pg = policy_gradient_loss(logq[:, None], adv[rows][:, None]).squeeze(-1)
+                out.update(loss=alpha * div + (1.0 - alpha) * pg, reward_pg=pg)
+                return out
+
+            out = self._run_loss(rollout, student, fn, alpha * structure if structure is not None else None)
+            if structure is not None:
+                out["divergence"] = out["divergence"] + structure.detach()
+                out.update({f"loss_{label}": value.detach() for label, value in structure_terms.items()})
+            return out
 
     def minillm_loss(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """MiniLLM per-token loss: PPO-clipped long-term term + α·single-step reverse KL (eq. 7), plus
+        any extra weighted ``objectives``."""
         cfg = self.config
-        student_logits, teacher_logits = self._logits(rollout)
+        student, scored = self._outputs(rollout)
         with self.timers("update"):
-            logq = token_logprobs(student_logits, rollout.completion_ids, cfg.temperature)
-            pg = ppo_clipped_loss(logq, rollout.mixed_logprobs, rollout.advantages, cfg.clip_eps)  # type: ignore[arg-type]
-            weights = importance_weights(rollout.sampled_logprobs, rollout.mixed_logprobs) \
-                if cfg.single_step_weighted else None  # type: ignore[arg-type]
-            single = single_step_reverse_kl(student_logits, teacher_logits, weights=weights,  # type: ignore[arg-type]
-                                            temperature=cfg.loss_temperature)
-            ratio = torch.exp(logq.detach() - rollout.sampled_logprobs)  # type: ignore[operator]
-            return {"loss": pg + cfg.alpha * cfg.single_step_coef * single, "pg": pg, "single_step": single,
-                    "ratio": ratio}
+            ids = rollout.completion_ids.reshape(-1)
+            mixed, sampled = rollout.mixed_logprobs.reshape(-1), rollout.sampled_logprobs.reshape(-1)  # type: ignore[union-attr]
+            adv = rollout.advantages.reshape(-1)  # type: ignore[union-attr]
+            teacher = scored.teacher_logits
+            b, length = rollout.completion_ids.shape
+            flat_teacher = teacher.reshape(b * length) if isinstance(teacher, TeacherTopK) else \
+                teacher.reshape(b * length, -1)  # type: ignore[union-attr]
+            logit_terms = self._logit_terms_fn(rollout, teacher) if cfg.objectives else None
+            structure, structure_terms = self._structure_terms(rollout, student, scored)
+            tau = self.loss_temperature
+
+            def fn(z: torch.Tensor, rows: Any) -> dict[str, torch.Tensor]:
+                logq = token_logprobs(z, ids[rows], cfg.temperature)
+                pg = ppo_clipped_loss(logq, mixed[rows], adv[rows], cfg.clip_eps)
+                weights = importance_weights(sampled[rows], mixed[rows]) if cfg.single_step_weighted else None
+                t = flat_teacher.rows(rows) if isinstance(flat_teacher, TeacherTopK) else flat_teacher[rows]
+                single = single_step_reverse_kl(z, t, weights=weights, temperature=tau)
+                ratio = torch.exp(logq.detach() - sampled[rows])
+                out = {"loss": pg + cfg.alpha * cfg.single_step_coef * single, "pg": pg, "single_step": single,
+                       "ratio": ratio}
+                if logit_terms is not None:  # extra weighted objectives ride along with MiniLLM's own loss
+                    extra, terms = logit_terms(z, rows)
+                    out["loss"] = out["loss"] + extra
+                    out.update({f"loss_{label}": value for label, value in terms.items()})
+                return out
+
+            out = self._run_loss(rollout, student, fn, structure)
+            out.update({f"loss_{label}": value.detach() for label, value in structure_terms.items()})
+            return out
 
     def lm_loss(self, rollout: Rollout) -> torch.Tensor:
         """Per-token cross-entropy on an LM-dataset batch (MiniLLM's optional pretraining loss)."""
@@ -474,6 +679,7 @@ class GKDTrainer:
         ``d(global sum / N)/dθ``.
         """
         cfg, acc = self.config, self.accelerator
+        temperature = self.loss_temperature  # τ of this step (the schedule reads self.step before it advances)
         norm = self._global_count(rollouts)
         lm_rollouts = None
         if self._lm_batches is not None:
@@ -488,10 +694,12 @@ class GKDTrainer:
                 terms = loss_fn(rollout)
                 with self.timers("update"):
                     objective = torch.zeros((), device=acc.device)
+                    chunked_sum = terms.pop("_sum", None)  # the chunked path's scalar (gradient formed in forward)
                     for name, per_token in terms.items():
                         total, _ = masked_sum_and_count(per_token, rollout.completion_mask, cfg.reduction)
                         sums[name] += total.detach()
                         if name == "loss":
+                            total = chunked_sum if chunked_sum is not None else total
                             objective = total / norm.to(total.device)
                     if lm_rollouts is not None:
                         lm_total, _ = masked_sum_and_count(self.lm_loss(lm_rollouts[i]), lm_rollouts[i].completion_mask,
@@ -524,7 +732,7 @@ class GKDTrainer:
         tokens = distributed.all_reduce_sum(torch.tensor(float(sum(r.num_tokens for r in rollouts))))
         seqs = distributed.all_reduce_sum(torch.tensor(float(sum(r.completion_ids.shape[0] for r in rollouts))))
         metrics.update(step=self.step, lr=float(lr), completion_len_mean=float(tokens / seqs.clamp(min=1)),
-                       tokens=float(tokens))
+                       tokens=float(tokens), loss_temperature=temperature)
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         self._count_skips(cause, metrics)
@@ -773,6 +981,8 @@ class GKDTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.student)
+        if state_dict is not None:  # the hidden-state projection is training machinery, not part of the model
+            state_dict = {k: v for k, v in state_dict.items() if PROJECTION_ATTR not in k}
         if acc.is_main_process:
             model = acc.unwrap_model(self.student)
             model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)  # adapters only under LoRA

@@ -21,8 +21,8 @@ COMMON = ["progress_bar=false", "lmbda=0.5", "seed=3"]
 pytest.importorskip("deepspeed")
 
 
-def _ds_launch(stage: int, out: Path, *overrides: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+def _ds_launch(stage: int, out: Path, *overrides: str, env_extra: dict | None = None) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "ds_configs" / f"accelerate_zero{stage}_cpu2.yaml"),
            "-m", "gkd.cli", "train", TINY, f"output_dir={out}", *COMMON, *overrides]
@@ -44,24 +44,30 @@ def test_zero2_gkd_two_processes(tmp_path):
 
 
 def test_zero3_gkd_runs_resumes_bit_identically_and_consolidates_the_model(tmp_path):
-    straight = _ds_launch(3, tmp_path / "straight", "max_steps=4")
+    # with a hidden-state objective, so the learned projection is sharded, checkpointed and restored too
+    obj = "objectives=[0.8*jsd, 0.2*hidden_mse]"
+    straight = _ds_launch(3, tmp_path / "straight", "max_steps=4", obj)
     _check_lambda_agreement(straight)
     split_dir = tmp_path / "split"
-    _ds_launch(3, split_dir, "max_steps=2", "save_steps=2", "save_final_model=false")
+    _ds_launch(3, split_dir, "max_steps=2", "save_steps=2", "save_final_model=false", obj)
     assert (split_dir / "checkpoint-2" / "COMPLETED").exists()
-    split = _ds_launch(3, split_dir, "max_steps=4", "resume_from_checkpoint=latest", "save_final_model=false")
-    assert [(r["step"], r["loss"], r["on_policy"]) for r in split] == \
-        [(r["step"], r["loss"], r["on_policy"]) for r in straight]
+    split = _ds_launch(3, split_dir, "max_steps=4", "resume_from_checkpoint=latest", "save_final_model=false", obj)
+    assert [(r["step"], r["loss"], r["loss_hidden_mse"], r["on_policy"]) for r in split] == \
+        [(r["step"], r["loss"], r["loss_hidden_mse"], r["on_policy"]) for r in straight]
     # the final model is gathered from the ZeRO-3 shards into one Hugging Face folder
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "final")
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "final", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]  # the projection is not exported
     assert all(p.numel() > 0 for p in model.parameters())
     assert model.config.model_type == "qwen2"
 
 
 def test_zero3_minillm_teacher_mixed_sampling(tmp_path):
+    # a cold model cache: rank 0 materialises the built-in models while rank 1 waits (once deadlocked
+    # under ZeRO-3, whose partitioned init is a collective)
     rows = _ds_launch(3, tmp_path / "mini", "algorithm=minillm", "num_rollouts=16", "per_device_batch_size=4",
-                      "ppo_epochs=2", "max_steps=4", "teacher_mix=0.2", "save_final_model=false")
+                      "ppo_epochs=2", "max_steps=4", "teacher_mix=0.2", "save_final_model=false",
+                      env_extra={"GKD_CACHE": str(tmp_path / "cold-cache")})
     assert [r["ppo_epoch"] for r in rows] == [0, 0, 1, 1]
     assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5)
