@@ -217,6 +217,8 @@ def _load_model_and_tokenizer(name: str, role: str, dtype: str = "float32"):
             raise InputError(f"{role} folder {name!r} not found; pass a model folder such as a run's output_dir/final")
         if not (local / "config.json").is_file():
             hint = " (the trained model is in its final/ subfolder)" if (local / "final").is_dir() else ""
+            if (local / "adapter_config.json").is_file():
+                hint = " (it holds LoRA adapters only: train with merge_lora=true and evaluate final-merged/)"
             raise InputError(f"{role} folder {name!r} has no config.json: not a saved model{hint}")
     try:
         tokenizer = load_tokenizer(path)
