@@ -22,6 +22,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -172,6 +173,7 @@ def run(plan: Plan, methods: list[Method], work: Path) -> dict[str, Any]:
     EvalTrainer = _eval_trainer_class()
     for seed in plan.seeds:
         t0 = time.perf_counter()
+        shutil.rmtree(work / f"seed{seed}", ignore_errors=True)  # a rerun starts clean (metrics.jsonl appends)
         init = save_random_model(work / f"seed{seed}" / "init", STUDENT_SHAPE, seed + 1)
         warm_cfg = config(init, work / f"seed{seed}" / "warmup", seed, plan.warmup_steps, None,
                           divergence="kd", kd_weight=0.0, lmbda=0.0, lr_scheduler="constant_with_warmup",
