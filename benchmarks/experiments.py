@@ -302,8 +302,8 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
     keys = list(record["runs"])
     baselines = [k for k in keys if k in ("sft", "kd")]
-    groups = [("SFT, supervised KD and GKD", [k for k in keys if not k.startswith("minillm")]),
-              ("SFT, supervised KD and MiniLLM", baselines + [k for k in keys if k.startswith("minillm")])]
+    groups = [("GKD", [k for k in keys if not k.startswith("minillm")]),
+              ("MiniLLM", baselines + [k for k in keys if k.startswith("minillm")])]
     colors = {k: plt.get_cmap("tab10").colors[i % 10] for i, k in enumerate(keys)}
     n = len(next(iter(record["runs"].values())))
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), sharex=True)
@@ -323,7 +323,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
                                 [m + s for m, s in zip(mean, std, strict=True)], color=colors[key], alpha=0.10)
         axes[0][col].axhline(100 * record["teacher"]["greedy"]["accuracy"], color="grey", lw=0.8, ls=":",
                              label="teacher")
-        axes[0][col].set(title=f"{title}: held-out exact match (mean ± std, {n} seeds)",
+        axes[0][col].set(title=f"{title} vs SFT and KD: held-out exact match ({n} seeds, mean ± std)",
                          ylabel="exact match % (greedy)")
         axes[1][col].set(xlabel="optimizer step", ylabel="KL(student‖teacher), token mean, greedy completions")
         axes[0][col].legend(fontsize=8, loc="lower right")
