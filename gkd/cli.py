@@ -1,4 +1,4 @@
-"""Command line: ``gkd train RECIPE [key=value ...]`` and ``gkd demo``.
+"""Command line: ``gkd train RECIPE [key=value ...]``, ``gkd eval --model PATH`` and ``gkd demo``.
 
 Works as a console script and under ``accelerate launch -m gkd.cli train RECIPE ...``.
 """
@@ -53,6 +53,54 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``gkd eval`` flag → :func:`gkd.evaluate.run_eval` keyword, for flags a run's config.yaml may also supply.
+_EVAL_FROM_CONFIG = {"teacher": "teacher", "dataset": "dataset", "dataset_format": "dataset_format",
+                     "dataset_split": "dataset_split", "validation_size": "validation_size", "split_seed": "split_seed",
+                     "max_response_length": "max_response_length", "num_train_examples": "num_train_examples",
+                     "max_digits": "max_digits", "seed": "data_seed", "max_new_tokens": "max_new_tokens",
+                     "max_prompt_length": "max_prompt_length", "temperature": "temperature", "top_p": "top_p",
+                     "top_k": "top_k", "reward_funcs": "reward_funcs"}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gkd.evaluate import format_table, read_run_config, run_eval, write_report
+
+    kwargs: dict = {}
+    config = args.config
+    if config == "auto":  # a run's model sits in output_dir/final, its config in output_dir/config.yaml
+        found = Path(args.model).expanduser().parent / "config.yaml"
+        config = str(found) if found.is_file() else None
+    elif config == "none":
+        config = None
+    if config is not None:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config file {config!r} not found")
+        from_config = read_run_config(config)
+        kwargs.update({_EVAL_FROM_CONFIG[k]: v for k, v in from_config.items()})
+        print(f"gkd eval: data and sampling settings from {config} (flags override them)", file=sys.stderr)
+    flags = {"teacher": args.teacher, "dataset": args.dataset, "dataset_format": args.dataset_format,
+             "split": args.split, "validation_size": args.validation_size, "split_seed": args.split_seed,
+             "max_response_length": args.max_response_length, "max_digits": args.max_digits,
+             "num_train_examples": args.num_train_examples, "data_seed": args.data_seed, "max_prompts": args.max_prompts,
+             "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length,
+             "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": args.top_k, "seed": args.seed, "batch_size": args.batch_size, "reward_funcs": args.reward_funcs,
+             "num_shown": args.show}
+    kwargs.update({k: v for k, v in flags.items() if v is not None})
+    if args.teacher == "none":
+        kwargs["teacher"] = None
+    kwargs["decodings"] = ("greedy", "sample") if args.decoding == "both" else (args.decoding,)
+    kwargs["teacher_metrics"] = not args.no_teacher_metrics
+    report = run_eval(args.model, **kwargs)
+    print(format_table(report))
+    if args.output:
+        write_report(report, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gkd", description="On-policy knowledge distillation for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +110,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides of recipe fields, e.g. lmbda=1.0 beta=0")
     train.add_argument("--help-config", action="store_true", help="list every config field with its default and help")
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a saved student (and teacher) on held-out prompts",
+                        description="Exact match / task reward, Rouge-L, teacher–student KL on the model's own "
+                                    "completions, mean length and sample generations. Data settings default to "
+                                    "the run's config.yaml beside the model folder (--config).")
+    ev.add_argument("--model", required=True, help="model folder (e.g. runs/x/final) or hub id")
+    ev.add_argument("--teacher", help="teacher folder or hub id for the KLs ('none' to skip one named by --config)")
+    ev.add_argument("--config", default="auto",
+                    help="training config.yaml or recipe to take data/sampling settings from; 'auto' (default): "
+                         "MODEL/../config.yaml if present; 'none': ignore")
+    ev.add_argument("--dataset", help="builtin:addition (default) or a .jsonl/.json/.parquet/.csv file / datasets name")
+    ev.add_argument("--dataset-format", choices=["auto", "prompt_completion", "messages", "dolly"])
+    ev.add_argument("--split", choices=["validation", "train", "all"], help="part of the data to evaluate (default validation)")
+    ev.add_argument("--validation-size", type=float, help="share (0..1) or row count held out, as in training")
+    ev.add_argument("--split-seed", type=int, help="seed of the train/validation split, as in training")
+    ev.add_argument("--max-response-length", type=int, help="length filter on reference responses (tokens), as in training")
+    ev.add_argument("--max-digits", type=int, help="builtin:addition: operand digits")
+    ev.add_argument("--num-train-examples", type=int, help="builtin:addition: size of the training set it was trained on")
+    ev.add_argument("--data-seed", type=int, help="builtin:addition: the training run's seed (picks its held-out problems)")
+    ev.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
+    ev.add_argument("--max-new-tokens", type=int, help="completion length limit (builtin default 2·max_digits+1, else 64)")
+    ev.add_argument("--max-prompt-length", type=int, help="prompts are truncated from the left to this many tokens")
+    ev.add_argument("--decoding", choices=["greedy", "sample", "both"], default="greedy")
+    ev.add_argument("--samples-per-prompt", type=int, help="sampled decoding: completions drawn per prompt (default 1)")
+    ev.add_argument("--temperature", type=float)
+    ev.add_argument("--top-p", type=float)
+    ev.add_argument("--top-k", type=int)
+    ev.add_argument("--seed", type=int, help="seed of sampled decoding (default 0)")
+    ev.add_argument("--batch-size", type=int, help="prompts per generation batch (default 32)")
+    ev.add_argument("--reward-funcs", nargs="+", metavar="SPEC", help="reward functions 'module:function' or 'file.py:function'")
+    ev.add_argument("--show", type=int, help="sample generations to print per model and decoding (default 3)")
+    ev.add_argument("--no-teacher-metrics", action="store_true", help="use the teacher for the KLs only")
+    ev.add_argument("--output", help="write the full results as JSON here")
+    ev.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="the embedded default: train a teacher on the built-in task, distill a student")
     demo.add_argument("--output-dir", default="runs/demo", help="where models, metrics and the results table go")
@@ -79,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed calls a torch collective that torch deprecated; one warning per step buries the log
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "accelerate", "torch"):
+    for noisy in ("transformers", "accelerate", "torch", "absl"):  # absl: rouge-score
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     import transformers

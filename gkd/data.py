@@ -2,13 +2,19 @@
 
 Rows are plain dicts with ``prompt`` (text), ``completion`` (reference text, optional) and any other
 columns (passed along for reward functions). Sources: the built-in task, or local JSONL in
-``prompt``/``completion`` or chat ``messages`` format.
+``prompt``/``completion``, chat ``messages`` or Dolly ``instruction``/``context``/``response`` format.
+
+A dataset file can be split into train and validation parts (:func:`split_rows`, seeded, decided on
+the raw rows so that the validation set does not depend on the tokenizer) and length-filtered
+(:func:`filter_by_length`, MiniLLM's data filter); ``gkd eval --split validation`` evaluates on the
+part that training never saw.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,23 @@ from gkd.rollout import Rollout
 
 logger = logging.getLogger("gkd")
 
-__all__ = ["Example", "PromptDataset", "collate", "load_rows", "normalize_rows", "reference_rollout"]
+__all__ = [
+    "PARTS",
+    "Example",
+    "PromptDataset",
+    "collate",
+    "filter_by_length",
+    "load_rows",
+    "normalize_rows",
+    "reference_rollout",
+    "split_rows",
+]
+
+#: Parts of a dataset :func:`load_rows` can return: the training part, the held-out validation part, or all rows.
+PARTS = ("train", "validation", "all")
+
+#: Held-out problems of the built-in task: never drawn into its training set (see :func:`gkd.task.split_problems`).
+BUILTIN_VALIDATION_SIZE = 512
 
 
 @dataclass
@@ -138,20 +160,86 @@ def normalize_rows(rows: list[dict[str, Any]], tokenizer, *, dataset_format: str
     return out
 
 
+def split_rows(rows: list[dict[str, Any]], validation_size: float, seed: int = 0
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Deterministic train / validation split: ``validation_size`` is a share in (0, 1) or a row count
+    (>= 1); the rows are drawn by a ``random.Random(seed)`` shuffle of the row indices. Both parts
+    keep the file order. ``validation_size=0`` puts every row in train."""
+    if validation_size < 0 or (validation_size >= 1 and not float(validation_size).is_integer()):
+        raise InputError(f"validation_size={validation_size!r} must be a share in [0, 1) or a whole number of rows")
+    if validation_size == 0:
+        return list(rows), []
+    n = len(rows)
+    k = int(validation_size) if validation_size >= 1 else max(1, round(validation_size * n))
+    if k >= n:
+        raise InputError(f"validation_size={validation_size!r} leaves no training rows ({n} rows in the dataset)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:k])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def filter_by_length(rows: list[dict[str, Any]], tokenizer, *, max_prompt_length: int = 0,
+                     max_response_length: int = 0, source: str = "dataset") -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Drop rows whose prompt has more than ``max_prompt_length`` tokens or whose reference response
+    has more than ``max_response_length`` tokens (0 disables a limit). Returns the kept rows and the
+    counts ``{"too_long_prompt": .., "too_long_response": ..}``, which are also logged."""
+    if max_prompt_length < 0 or max_response_length < 0:
+        raise InputError("length limits must be >= 0 (0 disables a limit)")
+    kept, dropped = [], {"too_long_prompt": 0, "too_long_response": 0}
+    for row in rows:
+        if max_prompt_length and len(tokenizer(row["prompt"], add_special_tokens=not row.get("_chat")).input_ids) \
+                > max_prompt_length:
+            dropped["too_long_prompt"] += 1
+            continue
+        ref = row.get("completion")
+        if max_response_length and ref is not None and \
+                len(tokenizer(ref, add_special_tokens=False).input_ids) > max_response_length:
+            dropped["too_long_response"] += 1
+            continue
+        kept.append(row)
+    if any(dropped.values()):
+        logger.warning("length filter on %s: dropped %d of %d rows (%d prompts over %d tokens, %d responses over %d tokens)",
+                       source, len(rows) - len(kept), len(rows), dropped["too_long_prompt"], max_prompt_length,
+                       dropped["too_long_response"], max_response_length)
+    return kept, dropped
+
+
 def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_examples: int = 20000,
-              max_digits: int = 4, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+              max_digits: int = 4, seed: int = 0, split: str = "train", part: str = "train",
+              validation_size: float = 0.0, split_seed: int = 0, max_response_length: int = 0) -> list[dict[str, Any]]:
     """Rows ``{prompt, completion, ...}`` from ``builtin:addition``, a local file (through
     ``datasets``) or a ``datasets`` hub name, in ``prompt_completion``, chat ``messages`` or Dolly
-    ``instruction/context/response`` format."""
+    ``instruction/context/response`` format.
+
+    ``part`` picks the ``train`` or ``validation`` part of :func:`split_rows` (``validation_size``,
+    ``split_seed``) or ``all`` rows; then rows whose response is over ``max_response_length`` tokens
+    are dropped (:func:`filter_by_length`). For ``builtin:addition`` the validation part is the task's
+    512 held-out problems (disjoint from the ``num_examples`` training problems of the same ``seed``).
+    ``split`` is the split name of a ``datasets`` hub source.
+    """
+    if part not in PARTS:
+        raise InputError(f"part={part!r} is not valid; choose one of: {', '.join(PARTS)}")
     if dataset == "builtin:addition":
         from gkd.task import split_problems
 
-        train, _ = split_problems(num_examples, 512, max_digits=max_digits, seed=seed)
-        return [{"prompt": p.prompt, "completion": p.completion} for p in train]
+        train, held = split_problems(num_examples, BUILTIN_VALIDATION_SIZE, max_digits=max_digits, seed=seed)
+        problems = {"train": train, "validation": held, "all": train + held}[part]
+        return [{"prompt": p.prompt, "completion": p.completion} for p in problems]
     if dataset.startswith("builtin:"):
         raise InputError(f"unknown built-in dataset {dataset!r}; valid: builtin:addition")
     rows, source = _load_with_datasets(dataset, split)
-    return normalize_rows(rows, tokenizer, dataset_format=dataset_format, source=source)
+    rows = normalize_rows(rows, tokenizer, dataset_format=dataset_format, source=source)
+    if part != "all":
+        train, validation = split_rows(rows, validation_size, split_seed)
+        if part == "validation" and not validation:
+            raise InputError(f"{source} has no validation part: set validation_size (a share like 0.1 or a row count)")
+        rows = train if part == "train" else validation
+    if max_response_length:
+        rows, _ = filter_by_length(rows, tokenizer, max_response_length=max_response_length, source=f"{source} ({part})")
+        if not rows:
+            raise InputError(f"the length filter dropped every row of {source}; raise max_response_length")
+    return rows
 
 
 class PromptDataset(torch.utils.data.Dataset):

@@ -26,7 +26,7 @@ from gkd.config import GKDConfig
 from gkd.evaluate import EvalResult, evaluate
 from gkd.task import STUDENT_SHAPE, TEACHER_SHAPE, cache_dir, check_answer, save_random_model, split_problems
 
-__all__ = ["DemoPlan", "run_demo"]
+__all__ = ["DemoPlan", "cached_teacher", "run_demo"]
 
 
 @dataclass
@@ -88,7 +88,9 @@ def _load(path: Path):
     return load_model(str(path), "float32"), load_tokenizer(str(path))
 
 
-def _teacher(plan: DemoPlan, work: Path, seed: int, retrain: bool) -> tuple[Path, bool]:
+def cached_teacher(plan: DemoPlan, work: Path, seed: int = 0, retrain: bool = False) -> tuple[Path, bool]:
+    """The demo teacher for ``plan``: from the cache (keyed by shape, task and training settings) or
+    trained now with SFT and cached atomically. Returns its folder and whether it was cached."""
     key = hashlib.sha256(json.dumps([TEACHER_SHAPE, plan.max_digits, plan.num_train, plan.teacher_steps,
                                      plan.teacher_lr, plan.teacher_batch, seed]).encode()).hexdigest()[:12]
     cached = cache_dir() / "demo" / f"teacher-{key}"
@@ -126,7 +128,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
         return evaluate(model, tok, prompts, check_answer, teacher=teacher_model, max_new_tokens=2 * plan.max_digits + 1)
 
     print("[1/4] teacher: supervised training on the built-in task (cached after the first run)")
-    teacher_path, was_cached = _teacher(plan, work, seed, retrain_teacher)
+    teacher_path, was_cached = cached_teacher(plan, work, seed, retrain_teacher)
     t_teacher = time.perf_counter() - t0
     teacher_model, _ = _load(teacher_path)
     teacher_eval = ev(teacher_path)
@@ -161,8 +163,8 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     print(table)
     print(f"\nwall time {wall:.0f}s (teacher {'cached' if was_cached else f'trained in {t_teacher:.0f}s'}; "
           f"{label} phase {t_gkd:.0f}s for {plan.gkd_steps} steps); held-out prompts: {len(prompts)}")
-    for prompt, completion in after.samples:
-        print(f"  sample: {prompt!r} -> {completion!r}")
+    for shown in after.samples:
+        print(f"  sample: {shown['prompt']!r} -> {shown['completion']!r}")
     result = {
         "rows": {name: {"accuracy": r.accuracy, "forward_kl": r.forward_kl, "reverse_kl": r.reverse_kl,
                         "completion_len_mean": r.completion_len_mean} for name, r in rows},

@@ -1,66 +1,153 @@
-"""Held-out evaluation: task accuracy and teacher–student divergence on the student's own samples."""
+"""Held-out evaluation (``gkd eval``): task reward / exact match, Rouge-L, and teacher–student KL on the
+student's own completions, with greedy or seeded sampled decoding.
+
+* **Exact match**: a task checker ``checker(prompt, completion) -> bool`` (the built-in task's
+  :func:`gkd.task.check_answer`), or else the completion equals the reference after stripping
+  surrounding whitespace.
+* **Rewards**: any reward functions in TRL's signature (:mod:`gkd.rewards`), mean per function.
+* **Rouge-L**: F-measure of the ``rouge-score`` package against the reference (stemming on, as in
+  MiniLLM's evaluation), mean over completions, in [0, 1] (papers print ×100).
+* **KL**: on the completions the evaluated model itself produced (greedy, or sampled with a seed),
+  the exact per-position ``KL(p_t‖q_t)`` (forward) and ``KL(q_t‖p_t)`` (reverse) over the
+  vocabulary (DESIGN §1.1, untempered fp32 log-softmax), averaged over all completion tokens (EOS
+  included). On sampled completions the reverse-KL token mean is a Monte-Carlo estimate of the
+  sequence-level reverse KL per token, the quantity MiniLLM minimises.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from gkd.data import Example, collate
+from gkd.config import InputError
+from gkd.data import PARTS, PromptDataset, collate, load_rows
 from gkd.losses import forward_kl, log_probs, masked_sum_and_count, reverse_kl
+from gkd.rewards import RewardFn, RewardFunctions
 from gkd.rollout import SamplingParams, sample
-from gkd.scorer import completion_logits
+from gkd.scorer import check_tokenizers_match, completion_logits
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["DECODINGS", "EvalResult", "evaluate", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
+           "write_report"]
+
+#: Decoding modes: ``greedy`` (argmax) or ``sample`` (temperature / top-p / top-k, seeded).
+DECODINGS = ("greedy", "sample")
 
 
 @dataclass
 class EvalResult:
-    accuracy: float  # share of prompts whose greedy completion the checker accepts
-    forward_kl: float | None  # token-mean KL(p‖q) on the student's greedy completions
-    reverse_kl: float | None  # token-mean KL(q‖p) on the same completions
-    completion_len_mean: float
-    samples: list[tuple[str, str]]  # a few (prompt, completion) pairs
+    """Metrics of one model under one decoding mode on a list of prompts."""
+
+    accuracy: float | None  # exact-match share (checker, or reference match); None without either
+    forward_kl: float | None  # token-mean KL(teacher‖model) on the model's own completions
+    reverse_kl: float | None  # token-mean KL(model‖teacher) on the same completions
+    completion_len_mean: float  # completion tokens per completion, EOS included
+    samples: list[dict[str, str]]  # a few {"prompt", "completion"[, "reference"]}
+    rouge_l: float | None = None  # mean Rouge-L F-measure against the references, in [0, 1]
+    rewards: dict[str, float] = field(default_factory=dict)  # "reward/<name>" means and the weighted "reward"
+    decoding: str = "greedy"
+    num_prompts: int = 0
+    num_completions: int = 0  # num_prompts × samples_per_prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def exact_match(completion: str, reference: str) -> bool:
+    """Reference match: equal after stripping surrounding whitespace (case and inner spacing count)."""
+    return completion.strip() == reference.strip()
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Rouge-L F-measure of each prediction against its reference (``rouge-score``, stemmer on)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:  # a core dependency; only a broken install lands here
+        raise InputError("Rouge-L needs the rouge-score package: pip install rouge-score") from None
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
 
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
-    prompts: Sequence[str],
-    checker: Callable[[str, str], bool],
+    prompts: Sequence[str] | Sequence[Mapping[str, Any]],
+    checker: Callable[[str, str], bool] | None = None,
     *,
     teacher: torch.nn.Module | None = None,
+    reward_funcs: RewardFunctions | Sequence[str | RewardFn] | None = None,
+    decoding: str = "greedy",
+    samples_per_prompt: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
     max_new_tokens: int = 16,
+    max_prompt_length: int = 1024,
     batch_size: int = 128,
     num_samples: int = 3,
+    rouge: bool | None = None,
 ) -> EvalResult:
-    """Greedy-decode every prompt with ``model``, score with ``checker(prompt, completion)``; if a
-    teacher is given, also the teacher–student KLs on those completions (same tokenizer)."""
+    """Decode every prompt with ``model`` and score the completions.
+
+    ``prompts`` are strings or rows ``{"prompt", "completion" (reference), ...}`` (extra columns go to
+    the reward functions). Prompts are tokenised exactly as for training (:class:`PromptDataset`,
+    truncated from the left at ``max_prompt_length``). ``decoding="sample"`` draws
+    ``samples_per_prompt`` completions per prompt with a generator seeded by ``seed``. With a
+    ``teacher`` (same tokenizer), the teacher–model KLs on those completions are computed too.
+    ``rouge`` defaults to "when every row has a reference". ``num_samples`` completions are kept
+    for display.
+    """
+    if decoding not in DECODINGS:
+        raise InputError(f"decoding={decoding!r} is not valid; choose one of: {', '.join(DECODINGS)}")
+    if samples_per_prompt < 1:
+        raise InputError(f"samples_per_prompt={samples_per_prompt} must be >= 1")
+    rows = [dict(p) if isinstance(p, Mapping) else {"prompt": p} for p in prompts]
+    references = [r.get("completion") for r in rows]
+    has_refs = bool(rows) and all(isinstance(r, str) for r in references)
+    rouge = has_refs if rouge is None else rouge
+    if rouge and not has_refs:
+        raise InputError("Rouge-L needs a reference 'completion' in every row")
+    if isinstance(reward_funcs, RewardFunctions):
+        rewards_fn: RewardFunctions | None = reward_funcs
+    else:
+        rewards_fn = RewardFunctions.from_specs(list(reward_funcs)) if reward_funcs else None
+    draws = samples_per_prompt if decoding == "sample" else 1
+    rows = [row for row in rows for _ in range(draws)]  # each prompt's draws side by side
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     vocab = len(tokenizer)
-    correct, tokens, fkl_sum, rkl_sum = 0, 0.0, 0.0, 0.0
-    samples: list[tuple[str, str]] = []
-    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        examples = [Example(tokenizer(p, add_special_tokens=False).input_ids, None, {}) for p in chunk]
-        batch = collate(examples, tokenizer.pad_token_id)
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                do_sample=decoding == "sample")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    generator = torch.Generator(device).manual_seed(seed) if decoding == "sample" else None
+    dataset = PromptDataset(rows, tokenizer, max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens)
+    completions: list[str] = []
+    completion_ids: list[list[int]] = []
+    tokens, fkl_sum, rkl_sum = 0.0, 0.0, 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(rows)))],
+                        tokenizer.pad_token_id)
         rollout = sample(
             model, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), params,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab,
+            generator=generator,
         )
-        for i, prompt in enumerate(chunk):
-            ids = rollout.completion_ids[i][rollout.completion_mask[i]].tolist()
-            text = tokenizer.decode(ids)
-            correct += bool(checker(prompt, text))
-            if len(samples) < num_samples:
-                samples.append((prompt, text))
-        n = float(rollout.completion_mask.sum())
-        tokens += n
+        ids = [rollout.completion_ids[i][rollout.completion_mask[i]].tolist() for i in range(len(batch["rows"]))]
+        completion_ids.extend(ids)
+        completions.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+        tokens += float(rollout.completion_mask.sum())
         if teacher is not None:
             s = log_probs(completion_logits(model, rollout, vocab))
             t = log_probs(completion_logits(teacher, rollout, vocab))
@@ -68,11 +155,209 @@ def evaluate(
             rkl_sum += float(masked_sum_and_count(reverse_kl(s, t), rollout.completion_mask)[0])
     if was_training:
         model.train()
+
+    prompt_texts = [r["prompt"] for r in rows]
+    if checker is not None:
+        hits: list[bool] | None = [bool(checker(p, c)) for p, c in zip(prompt_texts, completions, strict=True)]
+    elif has_refs:
+        hits = [exact_match(c, r["completion"]) for c, r in zip(completions, rows, strict=True)]
+    else:
+        hits = None
+    rewards: dict[str, float] = {}
+    if rewards_fn and rows:
+        values, mask, rewards = rewards_fn(prompt_texts, completions, completion_ids, rows)
+        if bool(mask.any()):
+            rewards["reward"] = float(values[mask].mean())
+    n = len(rows)
     has_kl = teacher is not None and tokens > 0
+    samples = []
+    for i in range(0, min(n, num_samples * draws), draws):
+        shown = {"prompt": prompt_texts[i], "completion": completions[i]}
+        if has_refs:
+            shown["reference"] = rows[i]["completion"]
+        samples.append(shown)
     return EvalResult(
-        accuracy=correct / max(len(prompts), 1),
+        accuracy=sum(hits) / n if hits is not None and n else None,
         forward_kl=fkl_sum / tokens if has_kl else None,
         reverse_kl=rkl_sum / tokens if has_kl else None,
-        completion_len_mean=tokens / max(len(prompts), 1),
+        completion_len_mean=tokens / max(n, 1),
         samples=samples,
+        rouge_l=sum(rouge_l(completions, [r["completion"] for r in rows])) / n if rouge and n else None,
+        rewards=rewards,
+        decoding=decoding,
+        num_prompts=n // draws,
+        num_completions=n,
     )
+
+
+# --- gkd eval -------------------------------------------------------------------------------------
+
+#: Data and sampling fields ``gkd eval`` takes from a training run's ``config.yaml`` (flags override them).
+CONFIG_KEYS = ("dataset", "dataset_format", "dataset_split", "validation_size", "split_seed", "max_response_length",
+               "num_train_examples", "max_digits", "max_new_tokens", "max_prompt_length", "seed", "temperature",
+               "top_p", "top_k", "reward_funcs", "teacher")
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id: absolute, relative with ./ or ~, nested, or its parent folder exists."""
+    path = Path(name).expanduser()
+    return (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+            or (len(path.parts) > 1 and path.parent.is_dir()))
+
+
+def _load_model_and_tokenizer(name: str, role: str, dtype: str = "float32"):
+    """Load a model folder (or hub id) for evaluation; a missing or broken one is a one-line error."""
+    from gkd.task import resolve_model_path
+    from gkd.trainer import load_model, load_tokenizer
+
+    path = resolve_model_path(name)
+    local = Path(path).expanduser()
+    if local.exists() or _looks_local(path):
+        if not local.is_dir():
+            raise InputError(f"{role} folder {name!r} not found; pass a model folder such as a run's output_dir/final")
+        if not (local / "config.json").is_file():
+            hint = " (the trained model is in its final/ subfolder)" if (local / "final").is_dir() else ""
+            if (local / "adapter_config.json").is_file():
+                hint = " (it holds LoRA adapters only: train with merge_lora=true and evaluate final-merged/)"
+            raise InputError(f"{role} folder {name!r} has no config.json: not a saved model{hint}")
+    try:
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, dtype)
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load {role} {name!r}: {str(e).strip().splitlines()[0]}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    """The data / sampling fields of a training run's ``config.yaml`` (or any recipe)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"cannot read config {str(path)!r}: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"config {str(path)!r} must be a mapping of key: value")
+    return {k: values[k] for k in CONFIG_KEYS if k in values}
+
+
+def run_eval(
+    model: str,
+    *,
+    teacher: str | None = None,
+    dataset: str = "builtin:addition",
+    dataset_format: str = "auto",
+    dataset_split: str = "train",
+    split: str = "validation",
+    validation_size: float = 0.0,
+    split_seed: int = 0,
+    max_response_length: int = 0,
+    num_train_examples: int = 20000,
+    max_digits: int = 4,
+    data_seed: int = 42,
+    max_prompts: int | None = None,
+    max_new_tokens: int | None = None,
+    max_prompt_length: int = 512,
+    decodings: Sequence[str] = ("greedy",),
+    samples_per_prompt: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 32,
+    reward_funcs: Sequence[str] = (),
+    num_shown: int = 3,
+    teacher_metrics: bool = True,
+) -> dict[str, Any]:
+    """``gkd eval``: load the model (and teacher), load the evaluation rows, evaluate under each
+    decoding mode; returns a JSON-ready dict (``results``: one entry per model × decoding).
+
+    ``split``/``validation_size``/``split_seed``/``max_response_length`` select rows exactly as
+    training did (:func:`gkd.data.load_rows`); for ``builtin:addition`` the validation split is
+    the task's held-out problems for training seed ``data_seed``, scored with
+    :func:`gkd.task.check_answer` and the built-in reward ``gkd.task:exact_match_reward``.
+    With ``teacher_metrics`` the teacher is evaluated the same way (no KL against itself).
+    """
+    for d in decodings:
+        if d not in DECODINGS:
+            raise InputError(f"decoding {d!r} is not valid; choose from: {', '.join(DECODINGS)}")
+    if split not in PARTS:
+        raise InputError(f"split {split!r} is not valid; choose one of: {', '.join(PARTS)}")
+    t0 = time.perf_counter()
+    student, tokenizer = _load_model_and_tokenizer(model, "model")
+    teacher_model = None
+    if teacher:
+        teacher_model, teacher_tokenizer = _load_model_and_tokenizer(teacher, "teacher")
+        check_tokenizers_match(tokenizer, teacher_tokenizer)
+    builtin = dataset == "builtin:addition"
+    rows = load_rows(dataset, tokenizer, dataset_format=dataset_format, num_examples=num_train_examples,
+                     max_digits=max_digits, seed=data_seed, split=dataset_split, part=split,
+                     validation_size=validation_size, split_seed=split_seed, max_response_length=max_response_length)
+    if max_prompts is not None:
+        if max_prompts < 1:
+            raise InputError(f"max_prompts={max_prompts} must be >= 1")
+        rows = rows[:max_prompts]
+    checker = None
+    funcs = list(reward_funcs)
+    if builtin:
+        from gkd.task import check_answer
+
+        checker = check_answer
+        max_new_tokens = max_new_tokens or 2 * max_digits + 1
+        if "gkd.task:exact_match_reward" not in funcs:
+            funcs.insert(0, "gkd.task:exact_match_reward")
+    rewards = RewardFunctions.from_specs(funcs) if funcs else None
+    common = dict(checker=checker, reward_funcs=rewards, samples_per_prompt=samples_per_prompt,
+                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens or 64,
+                  max_prompt_length=max_prompt_length, batch_size=batch_size, num_samples=num_shown)
+    results = []
+    for decoding in decodings:
+        r = evaluate(student, tokenizer, rows, teacher=teacher_model, decoding=decoding, **common)
+        results.append({"model": "student", **r.to_dict()})
+        if teacher_model is not None and teacher_metrics:
+            r = evaluate(teacher_model, tokenizer, rows, decoding=decoding, **common)
+            results.append({"model": "teacher", **r.to_dict()})
+    return {
+        "model": model, "teacher": teacher, "dataset": dataset, "split": split, "num_prompts": len(rows),
+        "settings": {"max_new_tokens": common["max_new_tokens"], "max_prompt_length": max_prompt_length,
+                     "samples_per_prompt": samples_per_prompt, "temperature": temperature, "top_p": top_p,
+                     "top_k": top_k, "seed": seed, "validation_size": validation_size, "split_seed": split_seed,
+                     "max_response_length": max_response_length, "reward_funcs": funcs,
+                     **({"data_seed": data_seed, "max_digits": max_digits} if builtin else {})},
+        "results": results,
+        "wall_time_s": time.perf_counter() - t0,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A markdown table of :func:`run_eval`'s results, then a few generations per entry."""
+    def fmt(x: float | None, pct: bool = False) -> str:
+        if x is None:
+            return "-"
+        return f"{100 * x:.1f}" if pct else f"{x:.4f}"
+
+    lines = [
+        "| model | decoding | exact match % | Rouge-L | reward | KL(teacher‖model) | KL(model‖teacher) | mean length |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(f"| {r['model']} | {r['decoding']} | {fmt(r['accuracy'], True)} | {fmt(r['rouge_l'], True)} | "
+                     f"{fmt(r['rewards'].get('reward'))} | {fmt(r['forward_kl'])} | {fmt(r['reverse_kl'])} | "
+                     f"{r['completion_len_mean']:.1f} |")
+    lines.append("")
+    lines.append(f"{report['num_prompts']} prompts from {report['dataset']} ({report['split']}); "
+                 "KLs are token means on the model's own completions; Rouge-L ×100.")
+    for r in report["results"]:
+        for s in r["samples"]:
+            ref = f"  (reference {s['reference'][:80]!r})" if "reference" in s else ""
+            lines.append(f"  {r['model']}/{r['decoding']}: {s['prompt'][-60:]!r} -> {s['completion'][:80]!r}{ref}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -362,9 +362,12 @@ class GKDTrainer:
 
     def _load_rows(self, dataset: str | None) -> list[dict[str, Any]]:
         cfg = self.config
+        # the train part of the train/validation split and the length filter apply to the training set only
+        split = dict(validation_size=cfg.validation_size, split_seed=cfg.split_seed,
+                     max_response_length=cfg.max_response_length) if dataset == cfg.dataset else {}
         return load_rows(dataset or "", self.tokenizer, dataset_format=cfg.dataset_format,
                          num_examples=cfg.num_train_examples, max_digits=cfg.max_digits, seed=cfg.seed,
-                         split=cfg.dataset_split)
+                         split=cfg.dataset_split, **split)
 
     def _given_rows(self, rows: Any) -> list[dict[str, Any]]:
         """Rows passed to the Python API: a list of dicts, a ``datasets.Dataset`` or any iterable of rows."""
