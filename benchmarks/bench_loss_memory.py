@@ -40,6 +40,18 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _limit_memory(gib: float):
+    """A per-worker address-space cap: a method that needs more fails with MemoryError (reported as
+    such) instead of waking the kernel's OOM killer on a shared machine."""
+    import resource
+
+    def apply() -> None:
+        limit = int(gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
@@ -128,6 +140,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=4, metavar=("METHOD", "B", "T", "V"), help=argparse.SUPPRESS)
     parser.add_argument("--hidden", type=int, default=896)
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--max-gib", type=float, default=18.0, help="CPU: address-space cap per worker process")
     args = parser.parse_args()
     import torch
 
@@ -147,7 +160,8 @@ def main() -> None:
                    str(args.hidden), "--device", device, "--dtype", dtype]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                      env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
+                                      env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"},
+                                      preexec_fn=_limit_memory(args.max_gib) if device == "cpu" else None)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 row = json.loads(line[7:]) if line else {"method": method, "batch": b, "length": t,
                                                          "error": (proc.stderr.strip().splitlines() or

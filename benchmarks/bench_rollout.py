@@ -1,0 +1,111 @@
+"""Rollout cost: plain student sampling vs teacher-mixed sampling vs sampling + a separate teacher pass.
+
+MiniLLM needs, per sampled token, ``log q_old``, ``log p`` (teacher) and ``log p̃`` (mixture).
+``gkd.rollout.sample(..., teacher=, teacher_mix=)`` advances the teacher beside the student, each with
+its own KV cache, and gets all three in one loop. The alternative is to sample from the student and
+then run the teacher over the finished sequences to score them (what a trainer without mixed
+sampling does; it cannot sample from the mixture at all). The issue's target: mixed sampling costs
+≤ 1.3× that alternative.
+
+Random-init Llama-shaped models built from config (no downloads), random prompts, EOS outside the sampled vocabulary so
+every sequence runs ``max_new_tokens``; methods alternate within each repetition.
+
+    python benchmarks/bench_rollout.py            # table + JSON in benchmarks/results/
+    python benchmarks/bench_rollout.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(hidden: int, layers: int, vocab: int, seed: int, device: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab + 1, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+                      num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 64, 1),
+                      max_position_embeddings=4096, eos_token_id=vocab, pad_token_id=0, bos_token_id=1)
+    return AutoModelForCausalLM.from_config(cfg).to(device).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    from gkd.rollout import SamplingParams, sample
+    from gkd.scorer import score
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vocab = 4096 if args.quick else 32000
+    student = _model(128 if args.quick else 512, 2 if args.quick else 6, vocab, 0, device)
+    teacher = _model(256 if args.quick else 1024, 2 if args.quick else 12, vocab, 1, device)
+    batch, prompt_len, new = (4, 16, 16) if args.quick else (16, 64, 128)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(2, vocab - 1, (batch, prompt_len), generator=g).to(device)
+    mask = torch.ones_like(prompts, dtype=torch.bool)
+    params = SamplingParams(max_new_tokens=new)
+    kw = dict(eos_token_id=vocab, pad_token_id=0, vocab_size=vocab)  # EOS (id V) lies outside the sampled vocabulary
+
+    def plain():
+        return sample(student, prompts, mask, params, generator=torch.Generator(device).manual_seed(1), **kw)
+
+    def plain_then_score():
+        rollout = plain()
+        return score(teacher, rollout, vocab)
+
+    def mixed():
+        return sample(student, prompts, mask, params, teacher=teacher, teacher_mix=0.2,
+                      generator=torch.Generator(device).manual_seed(1), **kw)
+
+    methods = {"plain sampling": plain, "plain sampling + teacher scoring": plain_then_score,
+               "teacher-mixed sampling (mix 0.2)": mixed}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    with torch.no_grad():
+        for fn in methods.values():  # warm-up
+            fn()
+        for _ in range(args.reps):
+            for name, fn in methods.items():
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["plain sampling + teacher scoring"])
+    rows = [{"method": m, "median_s": statistics.median(t), "runs_s": t,
+             "tokens_per_s": batch * new / statistics.median(t), "ratio_to_plain_plus_scoring": statistics.median(t) / base}
+            for m, t in times.items()]
+    setup = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+             "cpus": os.cpu_count(), "torch": torch.__version__, "vocab": vocab, "batch": batch,
+             "prompt_len": prompt_len, "max_new_tokens": new,
+             "student_params": sum(p.numel() for p in student.parameters()),
+             "teacher_params": sum(p.numel() for p in teacher.parameters())}
+    lines = ["| method | median s | tokens/s | × (plain + teacher scoring) |", "|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['median_s']:.3f} | {r['tokens_per_s']:.0f} | {r['ratio_to_plain_plus_scoring']:.2f} |"
+              for r in rows]
+    table = "\n".join(lines)
+    print(json.dumps(setup))
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"rollout_{device}{'_quick' if args.quick else ''}"
+    (out / f"{tag}.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=1))
+    (out / f"{tag}.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
