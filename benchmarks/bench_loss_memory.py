@@ -5,7 +5,7 @@ hidden size 896 (Qwen2.5-0.5B), for T ∈ {512, 1024} completion tokens and batc
 
 - ``trl_gkd``: TRL's ``GKDTrainer.generalized_jsd_loss`` on full logits (what TRL's GKD trainer runs);
 - ``trl_chunked``: TRL's ``_chunked_divergence_loss`` (DistillationTrainer's hidden-state × lm_head tiles);
-- ``ours_chunked``: ``gkd.chunked.chunked_loss`` on full logits (``loss_chunk_size: 1024``);
+- ``ours_chunked``: ``gkd.chunked.chunked_loss`` on full logits (``loss_chunk_size: 128``, the default);
 - ``ours_fused``: the same with ``fused_lm_head`` (student logits never exist) and full teacher logits;
 - ``ours_fused_topk``: ``fused_lm_head`` + ``teacher_topk: 64`` (teacher kept as top-64 + tail).
 
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CHUNK = int(os.environ.get("GKD_BENCH_CHUNK", "128"))  # tokens per chunk (gkd's default loss_chunk_size)
 METHODS = ("trl_gkd", "trl_chunked", "ours_chunked", "ours_fused", "ours_fused_topk")
 
 
@@ -96,7 +97,7 @@ def worker(method: str, batch: int, length: int, vocab: int, hidden: int, device
             with torch.no_grad():
                 head = torch.nn.Linear(hidden, vocab, bias=False, device=dev, dtype=dtype)
                 head.weight.copy_(wt)
-                teacher = teacher_topk(ht, 64, head=head, chunk_size=1024)
+                teacher = teacher_topk(ht, 64, head=head, chunk_size=CHUNK)
         else:
             teacher = t_logits.view(n, vocab)  # type: ignore[union-attr]
 
@@ -105,9 +106,9 @@ def worker(method: str, batch: int, length: int, vocab: int, hidden: int, device
             return {"loss": distillation_loss_per_token(z, t, divergence="jsd", beta=0.5)}
 
         if method == "ours_chunked":
-            total, _ = chunked_loss(fn, s_logits.view(n, vocab), weights, chunk_size=1024)  # type: ignore[union-attr]
+            total, _ = chunked_loss(fn, s_logits.view(n, vocab), weights, chunk_size=CHUNK)  # type: ignore[union-attr]
         else:
-            total, _ = chunked_loss(fn, hs, weights, head=ws, chunk_size=1024)
+            total, _ = chunked_loss(fn, hs, weights, head=ws, chunk_size=CHUNK)
         return total / n
 
     if dev.type == "cuda":
@@ -141,11 +142,17 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=896)
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--max-gib", type=float, default=18.0, help="CPU: address-space cap per worker process")
+    parser.add_argument("--from-json", help="re-render the table and plot of an earlier run's JSON")
     args = parser.parse_args()
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        args.hidden = data["hidden"]
+        _report(data["results"], data["results"][0].get("device", device), data["dtype"], data["vocab"], args)
+        return
     if args.worker:
         method, b, t, v = args.worker
         print("RESULT " + json.dumps(worker(method, int(b), int(t), int(v), args.hidden, device, dtype)))
@@ -198,6 +205,8 @@ def _report(results: list[dict], device: str, dtype: str, vocab: int, args: argp
                     if "peak_bytes" in by.get(("trl_gkd", b, t), {}) else None
                 cells.append(f"{r['peak_bytes'] / 2**30:.2f} GiB, {r['seconds']:.1f} s"
                              + (f" ({ratio:.2f}×)" if ratio is not None and m != "trl_gkd" else ""))
+            elif "allocate memory" in r.get("error", "") or "MemoryError" in r.get("error", ""):
+                cells.append(f"out of memory (> {args.max_gib:g} GiB cap)")
             else:
                 cells.append(r.get("error", "—"))
         lines.append(f"| {b} × {t} | {' | '.join(cells)} |")

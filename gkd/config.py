@@ -130,7 +130,7 @@ class GKDConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     mixed_precision: str = _f("no", "accelerate mixed precision: no | bf16 | fp16.")
     gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory.")
-    loss_chunk_size: int = _f(1024, "Memory-lean loss: completion tokens per chunk; the loss and its gradient are formed a chunk at a time, so at most one (chunk, vocab) fp32 block is alive (0: all at once, plain autograd).")
+    loss_chunk_size: int = _f(128, "Memory-lean loss: completion tokens per chunk; the loss and its gradient are formed a chunk at a time, so only one chunk's (chunk, vocab) fp32 intermediates are alive (~14 blocks for jsd: ~1 GB at 128 × 151,936). 0: all at once, plain autograd.")
     fused_lm_head: bool = _f(False, "Never materialise the student's logits: multiply its final hidden states by the LM head a chunk at a time inside the loss (needs a plain bias-free head; not under ZeRO-3).")
     teacher_topk: int = _f(0, "Keep only the teacher's k most likely tokens per position plus a tail bucket, scored from its hidden states a chunk at a time (0: full vocabulary; k = vocab size is exact). Not with dkd / logit_mse.")
     max_consecutive_skips: int = _f(5, "Steps with NaN/inf loss or gradients are skipped (not applied); this many in a row stop the run (0: never stop).")
