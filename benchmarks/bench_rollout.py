@@ -10,8 +10,8 @@ sampling does; it cannot sample from the mixture at all). The issue's target: mi
 Random-init Llama-shaped models built from config (no downloads), random prompts, EOS outside the sampled vocabulary so
 every sequence runs ``max_new_tokens``; methods alternate within each repetition.
 
-    python benchmarks/bench_rollout.py            # table + JSON in benchmarks/results/
-    python benchmarks/bench_rollout.py --quick
+    python benchmarks/bench_rollout.py --size medium   # table + JSON in benchmarks/results/
+    python benchmarks/bench_rollout.py --quick         # seconds
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def _model(hidden: int, layers: int, vocab: int, seed: int, device: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="same as --size quick")
+    parser.add_argument("--size", choices=["quick", "medium", "large"], default="large")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -49,10 +50,15 @@ def main() -> None:
     from gkd.scorer import score
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    vocab = 4096 if args.quick else 32000
-    student = _model(128 if args.quick else 512, 2 if args.quick else 6, vocab, 0, device)
-    teacher = _model(256 if args.quick else 1024, 2 if args.quick else 12, vocab, 1, device)
-    batch, prompt_len, new = (4, 16, 16) if args.quick else (16, 64, 128)
+    size = "quick" if args.quick else args.size
+    # (vocab, student hidden, layers, teacher hidden, layers, batch, prompt length, new tokens)
+    vocab, s_h, s_l, t_h, t_l, batch, prompt_len, new = {
+        "quick": (4096, 128, 2, 256, 2, 4, 16, 16),
+        "medium": (32000, 256, 4, 512, 8, 8, 32, 64),
+        "large": (32000, 512, 6, 1024, 12, 16, 64, 128),
+    }[size]
+    student = _model(s_h, s_l, vocab, 0, device)
+    teacher = _model(t_h, t_l, vocab, 1, device)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, vocab - 1, (batch, prompt_len), generator=g).to(device)
     mask = torch.ones_like(prompts, dtype=torch.bool)
@@ -91,7 +97,7 @@ def main() -> None:
             for m, t in times.items()]
     setup = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
              "cpus": os.cpu_count(), "torch": torch.__version__, "vocab": vocab, "batch": batch,
-             "prompt_len": prompt_len, "max_new_tokens": new,
+             "prompt_len": prompt_len, "max_new_tokens": new, "size": size,
              "student_params": sum(p.numel() for p in student.parameters()),
              "teacher_params": sum(p.numel() for p in teacher.parameters())}
     lines = ["| method | median s | tokens/s | × (plain + teacher scoring) |", "|---|---|---|---|"]
@@ -102,7 +108,7 @@ def main() -> None:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"rollout_{device}{'_quick' if args.quick else ''}"
+    tag = f"rollout_{device}_{size}"
     (out / f"{tag}.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=1))
     (out / f"{tag}.md").write_text(table + "\n")
 
