@@ -90,7 +90,10 @@ def exact_match_reward(prompts: list[str], completions: list[str], **kwargs: obj
 def make_problems(n: int, max_digits: int = 4, seed: int = 0, exclude: set[tuple[int, int]] | None = None) -> list[Problem]:
     """``n`` distinct problems; each operand has 1..``max_digits`` digits (length uniform), zero-padded."""
     if n > 10 ** (2 * max_digits) // 2:
-        raise ValueError(f"cannot draw {n} distinct problems with max_digits={max_digits}")
+        from gkd.config import InputError  # a ValueError; the command line prints it as one line
+
+        raise InputError(f"cannot draw {n} distinct addition problems with max_digits={max_digits} (at most "
+                         f"{10 ** (2 * max_digits) // 2}); lower num_train_examples or raise max_digits")
     rng = random.Random(seed)
     seen: set[tuple[int, int]] = set(exclude or ())
     out: list[Problem] = []
@@ -107,6 +110,13 @@ def make_problems(n: int, max_digits: int = 4, seed: int = 0, exclude: set[tuple
 
 def split_problems(n_train: int, n_eval: int, max_digits: int = 4, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """Disjoint train / held-out problem sets."""
+    limit = 10 ** (2 * max_digits) // 2
+    if n_train + n_eval > limit:
+        from gkd.config import InputError
+
+        raise InputError(f"builtin:addition needs {n_train} training + {n_eval} held-out = {n_train + n_eval} distinct "
+                         f"problems, but max_digits={max_digits} allows at most {limit}; lower num_train_examples or "
+                         "raise max_digits")
     held_out = make_problems(n_eval, max_digits, seed=seed + 10_000)
     train = make_problems(n_train, max_digits, seed=seed, exclude={(p.a, p.b) for p in held_out})
     return train, held_out

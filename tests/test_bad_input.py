@@ -169,3 +169,8 @@ def test_reward_function_errors_from_the_command_line(capsys, tmp_path, body, ex
     fn.write_text(body)
     _fails(capsys, TINY, f"output_dir={tmp_path / 'run'}", *QUIET, "lmbda=1", "alpha=0.5",
            f"reward_funcs=['{fn}:reward']", expect=expect)
+
+
+def test_impossible_builtin_task_size_is_one_line(tmp_path, capsys):
+    _fails(capsys, TINY, f"output_dir={tmp_path / 'run'}", "max_digits=1", "num_train_examples=60",
+           expect="needs 60 training + 512 held-out = 572 distinct problems, but max_digits=1 allows at most 50")
