@@ -1,4 +1,5 @@
-"""Training-step throughput: gkd's GKD trainer vs TRL's ``GKDTrainer`` on identical tiny models and data.
+"""Training-step throughput: gkd's GKD trainer vs TRL's ``GKDTrainer`` (and, at λ = 1 with β = 1, TRL's
+``DistillationTrainer``) on identical tiny models and data.
 
 Both train the built-in tiny student (Qwen2-shaped) towards the built-in tiny teacher (Llama-shaped) on
 the built-in addition task, from the same saved weights, with the same batch size, learning rate,
@@ -43,11 +44,12 @@ def _rows(n: int) -> list[dict]:
     return [{"prompt": p.prompt, "completion": p.completion} for p in problems]
 
 
-def run_gkd(student: str, teacher: str, rows: list[dict], lmbda: float, steps: int, batch: int, out: Path) -> dict:
+def run_gkd(student: str, teacher: str, rows: list[dict], lmbda: float, steps: int, batch: int, out: Path,
+            beta: float = 0.5) -> dict:
     from gkd.config import GKDConfig
     from gkd.trainer import GKDTrainer
 
-    cfg = GKDConfig(student=student, teacher=teacher, lmbda=lmbda, beta=0.5, divergence="jsd", max_steps=steps,
+    cfg = GKDConfig(student=student, teacher=teacher, lmbda=lmbda, beta=beta, divergence="jsd", max_steps=steps,
                     per_device_batch_size=batch, learning_rate=1e-3, lr_scheduler="constant", max_new_tokens=9,
                     output_dir=str(out), save_final_model=False, progress_bar=False, seed=0, max_grad_norm=1.0)
     trainer = GKDTrainer(cfg, train_rows=rows)
@@ -88,6 +90,33 @@ def run_trl(student: str, teacher: str, rows: list[dict], lmbda: float, steps: i
     return {"seconds": elapsed, "on_policy_share": len(on_policy) / steps}
 
 
+def run_trl_distill(student: str, teacher: str, rows: list[dict], lmbda: float, steps: int, batch: int,
+                    out: Path) -> dict:
+    """TRL's ``DistillationTrainer`` (on-policy, β = 1: reverse KL), prompts only."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DistillationConfig, DistillationTrainer
+
+    args = DistillationConfig(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-3,
+                              lr_scheduler_type="constant", beta=1.0, temperature=1.0, max_completion_length=9,
+                              logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                              max_grad_norm=1.0, disable_tqdm=True)
+    trainer = DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student),
+                                  teacher_model=AutoModelForCausalLM.from_pretrained(teacher), args=args,
+                                  train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in rows]),
+                                  processing_class=AutoTokenizer.from_pretrained(student))
+    start = time.perf_counter()
+    trainer.train()
+    return {"seconds": time.perf_counter() - start, "on_policy_share": 1.0}
+
+
+def run_gkd_beta1(student: str, teacher: str, rows: list[dict], lmbda: float, steps: int, batch: int, out: Path) -> dict:
+    return run_gkd(student, teacher, rows, lmbda, steps, batch, out, beta=1.0)
+
+
+WORKERS = {"trl": run_trl, "gkd": run_gkd, "trl_distill": run_trl_distill, "gkd_beta1": run_gkd_beta1}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
@@ -95,6 +124,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lambdas", default="0,0.5,1")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--no-distill", action="store_true", help="skip the DistillationTrainer (β = 1) pair")
     parser.add_argument("--worker", nargs=2, metavar=("TRAINER", "LAMBDA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import subprocess
@@ -110,16 +140,19 @@ def main() -> None:
         name, lmbda = args.worker[0], float(args.worker[1])
         student, teacher = resolve_model_path("builtin:tiny-student"), resolve_model_path("builtin:tiny-teacher")
         rows = _rows(2000)
-        fn = run_trl if name == "trl" else run_gkd
+        fn = WORKERS[name]
         with tempfile.TemporaryDirectory() as tmp:
             fn(student, teacher, rows, lmbda, 2, args.batch, Path(tmp) / "warm")  # warm-up: imports, caches, kernels
             r = fn(student, teacher, rows, lmbda, args.steps, args.batch, Path(tmp) / "run")
         print("RESULT " + json.dumps(r))
         return
     results = []
-    for lmbda in (float(x) for x in args.lambdas.split(",")):
+    plan = [(float(x), ("trl", "gkd")) for x in args.lambdas.split(",")]
+    if not args.no_distill:  # TRL's DistillationTrainer is on-policy reverse KL: compare at λ = 1, β = 1
+        plan.append((1.0, ("trl_distill", "gkd_beta1")))
+    for lmbda, pair in plan:
         for rep in range(args.reps):
-            for name in ("trl", "gkd"):  # alternating, each run in a fresh process (TRL and gkd both own accelerate's state)
+            for name in pair:  # alternating, each run in a fresh process (TRL and gkd both own accelerate's state)
                 cmd = [sys.executable, __file__, "--worker", name, str(lmbda), "--steps", str(args.steps),
                        "--batch", str(args.batch)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
@@ -131,13 +164,18 @@ def main() -> None:
                 results.append(r)
                 print(f"λ={lmbda:<4} {name:4s} rep {rep}: {r['steps_per_s']:.2f} steps/s "
                       f"(on-policy share {r['on_policy_share']:.2f})", flush=True)
-    lines = ["| λ | TRL GKDTrainer steps/s | gkd steps/s | gkd / TRL |", "|---|---|---|---|"]
+    lines = ["| λ, β | TRL trainer | TRL steps/s | gkd steps/s | gkd / TRL |", "|---|---|---|---|---|"]
     summary = []
-    for lmbda in sorted({r["lmbda"] for r in results}):
-        trl = statistics.median(r["steps_per_s"] for r in results if r["lmbda"] == lmbda and r["trainer"] == "trl")
-        ours = statistics.median(r["steps_per_s"] for r in results if r["lmbda"] == lmbda and r["trainer"] == "gkd")
-        summary.append({"lmbda": lmbda, "trl_steps_per_s": trl, "gkd_steps_per_s": ours, "ratio": ours / trl})
-        lines.append(f"| {lmbda:g} | {trl:.2f} | {ours:.2f} | {ours / trl:.2f}× |")
+    for lmbda, (theirs, ours_name) in plan:
+        def med(name: str, lam: float = lmbda) -> float:
+            return statistics.median(r["steps_per_s"] for r in results if r["lmbda"] == lam and r["trainer"] == name)
+
+        trl_rate, ours = med(theirs), med(ours_name)
+        beta = 1.0 if theirs == "trl_distill" else 0.5
+        label = "DistillationTrainer" if theirs == "trl_distill" else "experimental GKDTrainer"
+        summary.append({"lmbda": lmbda, "beta": beta, "trl_trainer": label, "trl_steps_per_s": trl_rate,
+                        "gkd_steps_per_s": ours, "ratio": ours / trl_rate})
+        lines.append(f"| {lmbda:g}, {beta:g} | {label} | {trl_rate:.2f} | {ours:.2f} | {ours / trl_rate:.2f}× |")
     table = "\n".join(lines)
     print(table)
     import trl
