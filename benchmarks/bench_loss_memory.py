@@ -102,8 +102,7 @@ def worker(method: str, batch: int, length: int, vocab: int, hidden: int, device
             teacher = t_logits.view(n, vocab)  # type: ignore[union-attr]
 
         def fn(z, rows):
-            t = teacher.rows(rows) if hasattr(teacher, "rows") else teacher[rows]
-            return {"loss": distillation_loss_per_token(z, t, divergence="jsd", beta=0.5)}
+            return {"loss": distillation_loss_per_token(z, teacher[rows], divergence="jsd", beta=0.5)}
 
         if method == "ours_chunked":
             total, _ = chunked_loss(fn, s_logits.view(n, vocab), weights, chunk_size=CHUNK)  # type: ignore[union-attr]

@@ -75,8 +75,14 @@ class TeacherTopK:
     log_tail: torch.Tensor
     LOG_ZERO = -1.0e4  # exp() underflows to exactly 0 in fp32, and stays finite in gradients
 
-    def rows(self, rows: slice) -> TeacherTopK:
+    def rows(self, rows: slice | torch.Tensor) -> TeacherTopK:
         return TeacherTopK(self.indices[rows], self.logprobs[rows], self.log_tail[rows])
+
+    __getitem__ = rows  # index like a logits tensor: ``teacher[rows]``
+
+    def flatten_positions(self) -> TeacherTopK:
+        """``(B, L, k)`` → ``(B·L, k)``, like ``logits.reshape(-1, V)``."""
+        return self.reshape(self.log_tail.numel())
 
     def reshape(self, *shape: int) -> TeacherTopK:
         k = self.indices.shape[-1]

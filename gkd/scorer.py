@@ -9,6 +9,7 @@ tokenizer) lines up with the student (DESIGN §1.4).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +121,13 @@ def lm_head(model: torch.nn.Module) -> torch.nn.Linear:
     return head
 
 
+_HEAD_CHECKED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
 def _check_head_input(model: torch.nn.Module, last_hidden: torch.Tensor, logits: torch.Tensor) -> None:
+    """Once per model: its logits must be ``head(last hidden state)`` for the fused / top-k paths."""
+    if model in _HEAD_CHECKED:
+        return
     head = lm_head(model)
     with torch.no_grad():
         expect = head(last_hidden.to(head.weight.dtype)).float()
@@ -132,6 +139,7 @@ def _check_head_input(model: torch.nn.Module, last_hidden: torch.Tensor, logits:
             f"{type(getattr(model, 'module', model)).__name__}'s logits are not lm_head(last hidden state) (logit "
             "soft-capping or scaling?); set fused_lm_head: false and teacher_topk: 0 for this model"
         )
+    _HEAD_CHECKED.add(model)
 
 
 def completion_logits(model: torch.nn.Module, rollout: Rollout, vocab_size: int | None = None) -> torch.Tensor:

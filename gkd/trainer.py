@@ -541,13 +541,13 @@ class GKDTrainer:
         if cfg.loss_chunk_size == 0 and head is None:
             terms = {k: v.reshape(b, length) for k, v in fn(x, slice(None)).items()}
         else:
-            weights = token_weights(rollout.completion_mask, cfg.reduction).reshape(-1).to(x.device)
-            total, flat = chunked_loss(fn, x, weights, head=head, vocab_size=self.vocab_size if head is not None else None,
+            weights = token_weights(rollout.completion_mask, cfg.reduction).to(x.device)
+            total, flat = chunked_loss(fn, x, weights.reshape(-1), head=head,
+                                       vocab_size=self.vocab_size if head is not None else None,
                                        chunk_size=cfg.loss_chunk_size or b * length)
             terms = {k: v.reshape(b, length) for k, v in flat.items()}
             if extra_loss is not None:
-                total = total + (token_weights(rollout.completion_mask, cfg.reduction).to(extra_loss.device)
-                                 * torch.where(rollout.completion_mask, extra_loss, 0.0)).sum()
+                total = total + (weights * torch.where(rollout.completion_mask, extra_loss, 0.0)).sum()
             terms["_sum"] = total
         if extra_loss is not None:
             terms["loss"] = terms["loss"] + extra_loss
@@ -580,16 +580,13 @@ class GKDTrainer:
             [torch.Tensor, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """``rows → (Σ w_i·logit objective_i, {label: objective_i})`` on a chunk of student logits."""
         cfg = self.config
-        b, length = rollout.completion_ids.shape
         logit_objectives = [o for o in self.objectives if not (o.uses_hidden or o.uses_attention)]
         ids = rollout.completion_ids.reshape(-1)
-        flat_teacher = teacher.reshape(b * length) if isinstance(teacher, TeacherTopK) else \
-            teacher.reshape(b * length, -1) if teacher is not None else None
+        flat_teacher = _flat_positions(teacher)
         defaults, tau = self._objective_defaults(), self.loss_temperature
 
         def terms_fn(z: torch.Tensor, rows: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            t = flat_teacher.rows(rows) if isinstance(flat_teacher, TeacherTopK) else \
-                flat_teacher[rows] if flat_teacher is not None else None
+            t = flat_teacher[rows] if flat_teacher is not None else None
             terms = objective_terms(logit_objectives, student_logits=z, teacher_logits=t, completion_ids=ids[rows],
                                     on_policy=rollout.on_policy, defaults=defaults, temperature=tau,
                                     temperature_squared=cfg.temperature_squared)
@@ -640,9 +637,8 @@ class GKDTrainer:
             mixed, sampled = rollout.mixed_logprobs.reshape(-1), rollout.sampled_logprobs.reshape(-1)  # type: ignore[union-attr]
             adv = rollout.advantages.reshape(-1)  # type: ignore[union-attr]
             teacher = scored.teacher_logits
-            b, length = rollout.completion_ids.shape
-            flat_teacher = teacher.reshape(b * length) if isinstance(teacher, TeacherTopK) else \
-                teacher.reshape(b * length, -1)  # type: ignore[union-attr]
+            flat_teacher = _flat_positions(teacher)
+            assert flat_teacher is not None  # MiniLLM always has a teacher
             logit_terms = self._logit_terms_fn(rollout, teacher) if cfg.objectives else None
             structure, structure_terms = self._structure_terms(rollout, student, scored)
             tau = self.loss_temperature
@@ -651,8 +647,7 @@ class GKDTrainer:
                 logq = token_logprobs(z, ids[rows], cfg.temperature)
                 pg = ppo_clipped_loss(logq, mixed[rows], adv[rows], cfg.clip_eps)
                 weights = importance_weights(sampled[rows], mixed[rows]) if cfg.single_step_weighted else None
-                t = flat_teacher.rows(rows) if isinstance(flat_teacher, TeacherTopK) else flat_teacher[rows]
-                single = single_step_reverse_kl(z, t, weights=weights, temperature=tau)
+                single = single_step_reverse_kl(z, flat_teacher[rows], weights=weights, temperature=tau)
                 ratio = torch.exp(logq.detach() - sampled[rows])
                 out = {"loss": pg + cfg.alpha * cfg.single_step_coef * single, "pg": pg, "single_step": single,
                        "ratio": ratio}
@@ -1115,6 +1110,13 @@ def _metrics_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
+
+
+def _flat_positions(teacher: torch.Tensor | TeacherTopK | None) -> torch.Tensor | TeacherTopK | None:
+    """Teacher view ``(B, L, …)`` → one row per completion position, indexable by chunk rows."""
+    if teacher is None:
+        return None
+    return teacher.flatten_positions() if isinstance(teacher, TeacherTopK) else teacher.reshape(-1, teacher.shape[-1])
 
 
 def _repeat_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
