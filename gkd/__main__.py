@@ -1,5 +1,3 @@
-import sys
+from gkd.cli import console_main
 
-from gkd.cli import main
-
-sys.exit(main())
+console_main()

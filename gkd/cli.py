@@ -9,7 +9,10 @@ import argparse
 import logging
 import sys
 
-__all__ = ["main"]
+__all__ = ["console_main", "main"]
+
+# Set by a command that ran with several processes; see console_main.
+_hard_exit = False
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -22,27 +25,32 @@ def _train(args: argparse.Namespace) -> int:
         print("gkd train: error: a recipe file is required (e.g. gkd train recipes/tiny.yaml)", file=sys.stderr)
         return 2
     config = load_config(args.recipe, args.overrides)
-    from gkd.distributed import shutdown
+    from gkd.distributed import shutdown, world_size
     from gkd.trainer import PREEMPTED_EXIT_CODE, GKDTrainer, NonFiniteError, Preempted
 
     trainer = GKDTrainer(config)
+    is_main = trainer.accelerator.is_main_process
+    global _hard_exit
+    _hard_exit = world_size() > 1
+    history: list[dict] | None
     try:
         history = trainer.train()
     except Preempted as e:
-        if trainer.accelerator.is_main_process:
-            print(f"gkd train: {e}", file=sys.stderr)
-        shutdown(synchronize=False)
-        return PREEMPTED_EXIT_CODE
+        message, code, history = f"gkd train: {e}", PREEMPTED_EXIT_CODE, None
     except NonFiniteError as e:
-        if trainer.accelerator.is_main_process:
-            print(f"gkd train: error: {e}", file=sys.stderr)
-        shutdown(synchronize=False)
-        return 3
-    shutdown()
-    if trainer.accelerator.is_main_process and history:
-        last = history[-1]
-        print(f"done: {trainer.step} steps, final loss {last['loss']:.4f}; outputs in {config.output_dir}")
-    return 0
+        message, code, history = f"gkd train: error: {e}", 3, None
+    else:
+        message, code = None, 0
+        if history:
+            message = (f"done: {trainer.step} steps, final loss {history[-1]['loss']:.4f}; "
+                       f"outputs in {config.output_dir}")
+    # The trainer's DDP / DeepSpeed wrappers hold the process group: drop them so shutdown() really
+    # joins the communicator threads (a live group at interpreter exit can abort with SIGABRT).
+    if is_main and message:
+        print(message, file=sys.stdout if code == 0 else sys.stderr, flush=True)
+    del trainer
+    shutdown(synchronize=code == 0)
+    return code
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -177,5 +185,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> None:
+    """Entry point of the ``gkd`` script and ``python -m gkd.cli``.
+
+    After a multi-process run the process group is already torn down, but DeepSpeed keeps its
+    communicators alive through reference cycles that the garbage collector cannot break (autograd
+    hooks), and gloo's threads racing interpreter teardown can abort a finished run with SIGABRT
+    ("terminate called without an active exception"). Everything is written and flushed by then, so
+    such a run leaves with ``os._exit`` and skips the teardown.
+    """
+    code = main()
+    if _hard_exit:
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -6,6 +6,8 @@ create one), and is a no-op in a single process.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.distributed as dist
 
@@ -38,6 +40,7 @@ def shutdown(synchronize: bool = True) -> None:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
+    gc.collect()  # DDP reducers / DeepSpeed engines left unreferenced still hold the group
     if synchronize and dist.get_world_size() > 1:
         try:
             dist.barrier()
