@@ -116,6 +116,10 @@ class GKDConfig:
     temperature: float = _f(1.0, "Sampling temperature for on-policy completions.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 disables).")
     top_k: int = _f(0, "Top-k sampling (0 disables).")
+    rollout_backend: str = _f("hf", "Who samples the student's on-policy completions: hf (our KV-cached sampler; every algorithm) or vllm (a vLLM engine colocated in each process, weights pushed after every optimizer step; GPU, `pip install vllm`; gkd only, since MiniLLM's teacher-mixed sampling needs the teacher at every token).")
+    vllm_gpu_memory_utilization: float = _f(0.3, "rollout_backend=vllm: share of each GPU's memory the engine may take for its weights and KV cache.")
+    vllm_sleep_mode: bool = _f(False, "rollout_backend=vllm: free the engine's weights and KV cache between sampling calls (less memory during updates, weights re-pushed each call).")
+    vllm_kwargs: dict[str, Any] = _f({}, "rollout_backend=vllm: extra keyword arguments for vllm.LLM, e.g. {enforce_eager: true}.")
 
     # --- optimisation ---
     max_steps: int = _f(100, "Number of optimizer steps.")
@@ -191,6 +195,7 @@ class GKDConfig:
             (self.lm_coef >= 0, "lm_coef", "must be >= 0"),
             (0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]"),
             (self.num_generations > 0, "num_generations", "must be > 0"),
+            (0.0 < self.vllm_gpu_memory_utilization <= 1.0, "vllm_gpu_memory_utilization", "must be in (0, 1]"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -206,6 +211,7 @@ class GKDConfig:
             "ddp_backend": ["auto", "nccl", "gloo"],
             "long_prompts": ["truncate", "skip"],
             "teacher_quantization": ["none", "8bit", "4bit"],
+            "rollout_backend": ["hf", "vllm"],
             "teacher_dtype": ["auto", "float32", "bfloat16", "float16"],
             "student_dtype": ["float32", "bfloat16", "float16"],
         }
@@ -240,6 +246,9 @@ class GKDConfig:
             raise ConfigError("reward_baseline=group needs num_generations >= 2 samples per prompt")
         if self.lm_coef > 0 and not self.lm_dataset:
             raise ConfigError(f"lm_coef={self.lm_coef} needs lm_dataset")
+        if self.rollout_backend == "vllm" and self.algorithm == "minillm":
+            raise ConfigError("rollout_backend=vllm cannot run algorithm=minillm: teacher-mixed sampling needs the "
+                              "teacher's distribution at every token; use rollout_backend: hf")
         if self.algorithm == "minillm" and self.is_pure_sft:
             raise ConfigError("algorithm=minillm needs a teacher")
         if not self.teacher and not self.is_pure_sft:

@@ -80,6 +80,7 @@ from gkd.objectives import (
 )
 from gkd.rewards import RewardFunctions
 from gkd.rollout import Rollout, SamplingParams, sample
+from gkd.rollout_vllm import VLLMSampler
 from gkd.scorer import (
     CompletionOutputs,
     ScoredRollout,
@@ -277,6 +278,7 @@ class GKDTrainer:
                 f"on {acc.num_processes} process(es)"
             )
         self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+        self.vllm = self._build_vllm() if cfg.rollout_backend == "vllm" else None
         self.coin = distributed.OnPolicyScheduler(cfg.lmbda, cfg.seed)
         self.sample_generator = torch.Generator(acc.device).manual_seed(cfg.seed + 1_000_003 * acc.process_index)
         self.ppo_generator = torch.Generator().manual_seed(cfg.seed + 7)
@@ -398,7 +400,37 @@ class GKDTrainer:
 
     # --- rollout phase ------------------------------------------------------------------------
 
+    def _build_vllm(self) -> VLLMSampler:
+        """The colocated vLLM engine (``rollout_backend: vllm``). It is built from the student's
+        config alone (random weights, no tokenizer: it takes and returns token ids); the trained
+        weights are pushed before the first sampling call and after every optimizer step."""
+        cfg, acc = self.config, self.accelerator
+        student = acc.unwrap_model(self.student)
+        base = student.get_base_model() if hasattr(student, "get_base_model") else student
+        folder = Path(cfg.output_dir) / "vllm_config"
+        if acc.is_main_process:
+            base.config.save_pretrained(folder)
+        acc.wait_for_everyone()
+        precision = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.mixed_precision, cfg.student_dtype)
+        eos = self.tokenizer.eos_token_id
+        sampler = VLLMSampler(
+            str(folder), self.sampling, max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
+            vocab_size=self.vocab_size, model_vocab_size=output_vocab_size(base),
+            eos_token_ids=eos if isinstance(eos, list) else [eos], pad_token_id=self.tokenizer.pad_token_id,
+            dtype=precision, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            enable_sleep_mode=cfg.vllm_sleep_mode,
+            engine_kwargs={"load_format": "dummy", "skip_tokenizer_init": True,
+                           "trust_remote_code": cfg.trust_remote_code, **cfg.vllm_kwargs},
+            process_index=acc.process_index, num_processes=acc.num_processes,
+            local_process_index=acc.local_process_index,
+        )
+        acc.wait_for_everyone()  # engines start at different speeds; DeepSpeed collectives must not
+        return sampler
+
     def _sample(self, batch: dict[str, Any], model: torch.nn.Module, **kw: Any) -> Rollout:
+        if self.vllm is not None and not kw and model is self.accelerator.unwrap_model(self.student):
+            self.vllm.sync(model, self.step)  # no-op unless an optimizer step changed the weights
+            return self.vllm.sample(batch["prompt_ids"], batch["prompt_mask"], self.sample_generator)
         return sample(
             model, batch["prompt_ids"], batch["prompt_mask"], self.sampling,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
