@@ -1,8 +1,9 @@
 """Rollout cost: plain student sampling vs teacher-mixed sampling vs sampling + a separate teacher pass.
 
 MiniLLM needs, per sampled token, ``log q_old``, ``log p`` (teacher) and ``log p̃`` (mixture).
-``gkd.rollout.sample(..., teacher=, teacher_mix=)`` advances the teacher beside the student, each with
-its own KV cache, and gets all three in one loop. The alternative is to sample from the student and
+``gkd.rollout.sample(..., teacher=, teacher_mix=, draft_tokens=k)`` gets all three in one loop: the
+student drafts k tokens, the teacher scores them in one pass, and speculative acceptance keeps the
+draws exact (k = 1: the teacher steps with every token). The alternative is to sample from the student and
 then run the teacher over the finished sequences to score them (what a trainer without mixed
 sampling does; it cannot sample from the mixture at all). The issue's target: mixed sampling costs
 ≤ 1.3× that alternative.
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="same as --size quick")
     parser.add_argument("--size", choices=["quick", "medium", "large"], default="large")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--draft", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8],
+                        help="draft lengths k of speculative teacher-mixed sampling to time (1: teacher every token)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     from gkd.rollout import SamplingParams, sample
@@ -72,12 +75,13 @@ def main() -> None:
         rollout = plain()
         return score(teacher, rollout, vocab)
 
-    def mixed():
-        return sample(student, prompts, mask, params, teacher=teacher, teacher_mix=0.2,
-                      generator=torch.Generator(device).manual_seed(1), **kw)
+    def mixed(k: int):
+        return lambda: sample(student, prompts, mask, params, teacher=teacher, teacher_mix=0.2, draft_tokens=k,
+                              generator=torch.Generator(device).manual_seed(1), **kw)
 
-    methods = {"plain sampling": plain, "plain sampling + teacher scoring": plain_then_score,
-               "teacher-mixed sampling (mix 0.2)": mixed}
+    methods = {"plain sampling": plain, "plain sampling + teacher scoring": plain_then_score}
+    for k in args.draft:
+        methods[f"teacher-mixed sampling (mix 0.2), draft {k}"] = mixed(k)
     times: dict[str, list[float]] = {m: [] for m in methods}
     with torch.no_grad():
         for fn in methods.values():  # warm-up

@@ -91,6 +91,7 @@ class GKDConfig:
 
     # --- MiniLLM (DESIGN §1.3) ---
     teacher_mix: float = _f(0.2, "minillm: share of the teacher in the sampling mixture p̃ = mix·p + (1−mix)·q (paper α).")
+    mix_draft_tokens: int = _f(4, "minillm: tokens the student drafts per teacher pass in teacher-mixed sampling; speculative acceptance keeps every draw an exact sample of p̃ for any value (1: the teacher steps with every token). Logged: mix_draft_accept, mix_tokens_per_teacher_pass.")
     num_rollouts: int = _f(64, "minillm: completions collected (over all processes) before the PPO epochs over them.")
     ppo_epochs: int = _f(4, "minillm: passes of minibatch updates over each rollout buffer.")
     clip_eps: float = _f(0.2, "minillm: PPO clipping ε of ρ = q_θ/p̃.")
@@ -187,6 +188,7 @@ class GKDConfig:
             (1 <= self.max_digits <= 12, "max_digits", "must be in [1, 12]"),
             (0.0 <= self.teacher_mix <= 1.0, "teacher_mix", "must be in [0, 1]"),
             (self.num_rollouts > 0, "num_rollouts", "must be > 0"),
+            (self.mix_draft_tokens >= 1, "mix_draft_tokens", "must be >= 1 (1: the teacher steps with every token)"),
             (self.ppo_epochs > 0, "ppo_epochs", "must be > 0"),
             (self.clip_eps > 0, "clip_eps", "must be > 0"),
             (0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]"),

@@ -9,6 +9,7 @@ processors themselves are transformers' (temperature, top-k, top-p).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -62,6 +63,7 @@ class Rollout:
     reward_mask: torch.Tensor | None = None  # (B,) bool, False where no function gave a reward
     advantages: torch.Tensor | None = None  # (B,) GKD reward term or (B, L) MiniLLM long-term advantage
     teacher_cache: tuple | None = None  # (τ, TeacherTopK): a MiniLLM buffer's teacher scores, reused across epochs
+    draft_stats: tuple[int, int, int] | None = None  # teacher-mixed sampling, live rows: (accepted, rejected, row-rounds)
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + L)
@@ -121,14 +123,17 @@ def sample(
     all_ranks_done: Callable[[bool], bool] | None = None,
     teacher: torch.nn.Module | None = None,
     teacher_mix: float = 0.0,
+    draft_tokens: int = 1,
 ) -> Rollout:
     """Sample a completion for each left-padded prompt with a KV cache.
 
-    With a ``teacher``, this is MiniLLM's teacher-mixed sampling: both models advance together,
-    each with its own KV cache, the same logits processors are applied to both, and the next
-    token is drawn from ``p̃ = teacher_mix·p + (1−teacher_mix)·q`` (mixed in probability space).
-    ``log q_old(y_t)``, ``log p(y_t)`` and ``log p̃(y_t)`` are stored per token, so importance
-    weights need no recomputation. ``teacher_mix=0`` draws exactly what the plain sampler draws.
+    With a ``teacher``, this is MiniLLM's teacher-mixed sampling: every token is drawn from
+    ``p̃ = teacher_mix·p + (1−teacher_mix)·q`` (mixed in probability space, the same logits
+    processors applied to both models first), and ``log q_old(y_t)``, ``log p(y_t)`` and
+    ``log p̃(y_t)`` are stored per token, so importance weights need no recomputation. The student
+    drafts ``draft_tokens`` tokens and the teacher scores them in one pass (speculative sampling
+    with target p̃, see :func:`_sample_mixed`); the result is an exact sample of p̃ for every value.
+    ``teacher_mix=0`` draws exactly what the plain sampler draws.
 
     A sequence stops at its first EOS (kept in ``completion_mask``); later positions hold
     ``pad_token_id`` and are masked. The loop stops as soon as every sequence has finished, or,
@@ -138,68 +143,184 @@ def sample(
     """
     if not 0.0 <= teacher_mix <= 1.0:
         raise ValueError(f"teacher_mix must be in [0, 1], got {teacher_mix}")
+    if draft_tokens < 1:
+        raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
     was_training = model.training
     model.eval()
-    if teacher is not None:
-        teacher.eval()
-    device = prompt_ids.device
+    try:
+        if teacher is not None:
+            teacher.eval()
+            return _sample_mixed(model, teacher, prompt_ids, prompt_mask, params, eos=_as_id_tensor(eos_token_id, prompt_ids.device),
+                                 pad_token_id=pad_token_id, vocab_size=vocab_size, generator=generator,
+                                 all_ranks_done=all_ranks_done, mix=teacher_mix, k=draft_tokens)
+        return _sample_plain(model, prompt_ids, prompt_mask, params, eos=_as_id_tensor(eos_token_id, prompt_ids.device),
+                             pad_token_id=pad_token_id, vocab_size=vocab_size, generator=generator,
+                             all_ranks_done=all_ranks_done)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _draw(probs: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+    if do_sample:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs.argmax(-1)
+
+
+def _sample_plain(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
+                  *, eos: torch.Tensor, pad_token_id: int, vocab_size: int | None, generator: torch.Generator | None,
+                  all_ranks_done: Callable[[bool], bool] | None) -> Rollout:
     batch = prompt_ids.shape[0]
-    eos = _as_id_tensor(eos_token_id, device)
     procs = build_logits_processors(params)
     attention = prompt_mask.long()
     positions = position_ids_from_mask(attention)
     student_step = _Decoder(model, vocab_size)
-    teacher_step = _Decoder(teacher, vocab_size) if teacher is not None else None
-
     s_logits = student_step(prompt_ids, attention, positions)
-    t_logits = teacher_step(prompt_ids, attention, positions) if teacher_step else None
     next_pos = positions[:, -1:] + 1
-
-    tokens, masks, q_logps, p_logps, mix_logps = [], [], [], [], []
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    generated = prompt_ids
+    tokens, masks, q_logps = [], [], []
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     for _ in range(params.max_new_tokens):
-        q_logp = torch.log_softmax(procs(generated, s_logits.float()), dim=-1)
-        probs = q_logp.exp()
-        p_logp = None
-        if t_logits is not None:
-            p_logp = torch.log_softmax(procs(generated, t_logits.float()), dim=-1)
-            if teacher_mix > 0:
-                probs = teacher_mix * p_logp.exp() + (1.0 - teacher_mix) * probs
-        if params.do_sample:
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:
-            tok = probs.argmax(-1)
+        q_logp = torch.log_softmax(procs(prompt_ids, s_logits.float()), dim=-1)
+        tok = _draw(q_logp.exp(), params.do_sample, generator)
         alive = ~finished
         tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
         tokens.append(tok)
         masks.append(alive)
         q_logps.append(_gather_alive(q_logp, tok, alive))
-        if p_logp is not None:
-            p_logps.append(_gather_alive(p_logp, tok, alive))
-            mix_logps.append(torch.where(alive, probs.gather(-1, tok[:, None]).squeeze(-1).log(), 0.0))
         finished = finished | torch.isin(tok, eos)
         done = bool(finished.all())
         if (all_ranks_done(done) if all_ranks_done is not None else done) or len(tokens) == params.max_new_tokens:
             break
-        generated = torch.cat([generated, tok[:, None]], dim=1)
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         s_logits = student_step(tok[:, None], attention, next_pos)
-        if teacher_step is not None:
-            t_logits = teacher_step(tok[:, None], attention, next_pos)
         next_pos = next_pos + 1
-
-    if was_training:
-        model.train()
     return Rollout(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask.bool(),
-        completion_ids=torch.stack(tokens, dim=1),
-        completion_mask=torch.stack(masks, dim=1),
-        on_policy=True,
-        sampled_logprobs=torch.stack(q_logps, dim=1),
-        teacher_logprobs=torch.stack(p_logps, dim=1) if p_logps else None,
-        mixed_logprobs=torch.stack(mix_logps, dim=1) if mix_logps else None,
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), completion_ids=torch.stack(tokens, dim=1),
+        completion_mask=torch.stack(masks, dim=1), on_policy=True, sampled_logprobs=torch.stack(q_logps, dim=1),
+    )
+
+
+def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  params: SamplingParams, *, eos: torch.Tensor, pad_token_id: int, vocab_size: int | None,
+                  generator: torch.Generator | None, all_ranks_done: Callable[[bool], bool] | None, mix: float,
+                  k: int) -> Rollout:
+    """Teacher-mixed sampling as speculative sampling with target ``p̃ = mix·p + (1−mix)·q``.
+
+    Each round the student drafts ``k`` tokens ``d_1..d_k`` from ``q`` (one KV-cached step each),
+    then the teacher scores all of them in one forward. Draft ``d_j`` is accepted with probability
+    ``min(1, p̃_j(d_j)/q_j(d_j))``; at the first rejection the token is redrawn from the residual
+    ``∝ max(0, p̃_j − q_j) = mix·max(0, p_j − q_j)`` and the rest of the round is discarded (Leviathan
+    et al. 2023, Chen et al. 2023: the committed tokens are exact samples of p̃). Since
+    ``p̃/q ≥ 1 − mix``, at least 80 % of drafts are accepted at the default mix 0.2, whatever the
+    models. Rows advance by different amounts; both KV caches keep one common layout, and rejected
+    slots become holes in the attention mask (with explicit position ids, so positions stay
+    contiguous per row). ``k = 1`` is the teacher stepping with every token. With ``mix = 0``
+    nothing is ever rejected and no extra random numbers are drawn: the plain sampler's tokens.
+    """
+    device = prompt_ids.device
+    batch, max_new = prompt_ids.shape[0], params.max_new_tokens
+    procs = build_logits_processors(params)
+    attention = prompt_mask.long()
+    positions = position_ids_from_mask(attention)
+    base = positions[:, -1]  # position of each prompt's last token; new token i sits at base + i
+    student_step, teacher_step = _Decoder(model, vocab_size), _Decoder(teacher, vocab_size)
+    s_logits = student_step(prompt_ids, attention, positions)
+    t_first = teacher_step(prompt_ids, attention, positions)  # p for the first new token
+    log_mix, log_rest = (math.log(mix) if mix > 0 else -math.inf), (math.log1p(-mix) if mix < 1 else -math.inf)
+    width = max_new + k  # room for a round's overshoot; column width - 1 takes the writes of finished rows
+    out = {name: torch.zeros(batch, width, device=device) for name in ("q", "p", "mix")}
+    out_ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
+    length = torch.zeros(batch, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    cols = torch.arange(k, device=device)
+    pending: torch.Tensor | None = None  # last committed token, not yet in either cache
+    stats = [0, 0, 0]  # on live rows: drafts accepted, drafts rejected, row-rounds
+    for _ in range(max_new):  # every round commits >= 1 token per live row
+        # --- draft: k student steps; the tokens fed here are appended to both caches ---
+        fed = [] if pending is None else [pending]
+        start = base + length + (1 if pending is None else 0)  # position of the first fed token
+        if pending is not None:
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            s_logits = student_step(pending[:, None], attention, start[:, None])
+        q_steps, drafts = [], []
+        for j in range(k):
+            q = torch.log_softmax(procs(prompt_ids, s_logits.float()), dim=-1)
+            d = _draw(q.exp(), params.do_sample, generator)
+            q_steps.append(q)
+            drafts.append(d)
+            if j < k - 1:
+                fed.append(d)
+                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+                s_logits = student_step(d[:, None], attention, (start + len(fed) - 1)[:, None])
+        # --- verify: one teacher pass over the fed tokens gives p at every drafted position ---
+        p_logits = []
+        if pending is None:
+            p_logits.append(t_first[:, None])
+        if fed:
+            slot_pos = start[:, None] + torch.arange(len(fed), device=device)
+            p_logits.append(teacher_step(torch.stack(fed, 1), attention, slot_pos, all_positions=True))
+        p_all = torch.cat(p_logits, 1).float()  # (B, k, V)
+        q_all = torch.stack(q_steps, 1)  # (B, k, V) log q
+        p_all = torch.log_softmax(procs(prompt_ids, p_all.flatten(0, 1)), dim=-1).view_as(q_all)
+        d_all = torch.stack(drafts, 1)  # (B, k)
+        q_d = q_all.gather(-1, d_all[..., None]).squeeze(-1)
+        p_d = p_all.gather(-1, d_all[..., None]).squeeze(-1)
+        mix_d = torch.logaddexp(p_d + log_mix, q_d + log_rest)
+        if mix == 0:
+            accepted = torch.ones_like(d_all, dtype=torch.bool)
+        elif params.do_sample:
+            accepted = torch.rand(d_all.shape, generator=generator, device=device) < (mix_d - q_d).exp()
+        else:  # greedy: keep the draft while it is the mixture's argmax
+            accepted = d_all == torch.logaddexp(p_all + log_mix, q_all + log_rest).argmax(-1)
+        n_acc = accepted.long().cumprod(1).sum(1)  # leading accepted drafts per row
+        rejected = n_acc < k
+        new_ids, new_q, new_p, new_mix = d_all, q_d, p_d, mix_d
+        if bool(rejected.any()):
+            at = n_acc.clamp(max=k - 1)
+            rows = torch.arange(batch, device=device)
+            q_j, p_j = q_all[rows, at].exp(), p_all[rows, at].exp()
+            if params.do_sample:
+                resid = (p_j - q_j).clamp(min=0)
+                resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, mix * p_j + (1 - mix) * q_j)
+                y = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
+            else:
+                y = (mix * p_j + (1 - mix) * q_j).argmax(-1)
+            y_q, y_p = q_all[rows, at].gather(-1, y[:, None]).squeeze(-1), p_all[rows, at].gather(-1, y[:, None]).squeeze(-1)
+            put = rejected[:, None] & (cols == at[:, None])
+            new_ids = torch.where(put, y[:, None], d_all)
+            new_q, new_p = torch.where(put, y_q[:, None], q_d), torch.where(put, y_p[:, None], p_d)
+            new_mix = torch.where(put, torch.logaddexp(y_p + log_mix, y_q + log_rest)[:, None], mix_d)
+        n_new = torch.where(rejected, n_acc + 1, torch.full_like(n_acc, k))
+        live = ~finished
+        stats[0] += int(n_acc[live].sum())
+        stats[1] += int(rejected[live].sum())
+        stats[2] += int(live.sum())
+        # the fed slots that hold rejected drafts become holes (slot s holds d_s, or the pending token at s=0)
+        if fed:
+            draft_index = cols[: len(fed)] + (0 if pending is not None else 1)  # which d_j each slot holds (0: pending)
+            attention[:, -len(fed):] = (draft_index[None] <= n_acc[:, None]).long()
+        # --- commit: up to the first EOS, at most max_new tokens, nothing for finished rows ---
+        valid = (cols[None] < n_new[:, None]) & ~finished[:, None]
+        is_eos = torch.isin(new_ids, eos) & valid
+        first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(n_new, k))
+        valid &= (cols[None] <= first_eos[:, None]) & (length[:, None] + cols[None] < max_new)
+        index = torch.where(valid, length[:, None] + cols[None], torch.full_like(new_ids, width - 1))
+        out_ids.scatter_(1, index, torch.where(valid, new_ids, pad_token_id))
+        for name, val in (("q", new_q), ("p", new_p), ("mix", new_mix)):
+            out[name].scatter_(1, index, torch.where(valid, val, 0.0))
+        length = length + valid.sum(1)
+        finished = finished | (is_eos & valid).any(1) | (length >= max_new)
+        pending = torch.where(rejected, y, d_all[:, -1]) if bool(rejected.any()) else d_all[:, -1]
+        done = bool(finished.all())
+        if all_ranks_done(done) if all_ranks_done is not None else done:
+            break
+    used = max(int(length.max()), 1)
+    mask = torch.arange(used, device=device)[None] < length[:, None]
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), completion_ids=out_ids[:, :used].masked_fill(~mask, pad_token_id),
+        completion_mask=mask, on_policy=True, sampled_logprobs=out["q"][:, :used] * mask,
+        teacher_logprobs=out["p"][:, :used] * mask, mixed_logprobs=out["mix"][:, :used] * mask,
+        draft_stats=(stats[0], stats[1], stats[2]),
     )
 
 
@@ -214,10 +335,14 @@ class _Decoder:
     def __init__(self, model: torch.nn.Module, vocab_size: int | None):
         self.model, self.vocab_size, self.cache = model, vocab_size, None
 
-    def __call__(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                 all_positions: bool = False) -> torch.Tensor:
+        """Feed ``input_ids`` (B, n); next-token logits of the last position ``(B, V)``, or of every
+        fed position ``(B, n, V)`` with ``all_positions``."""
         out = self.model(
             input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=self.cache,
-            use_cache=True,
+            use_cache=True, logits_to_keep=0 if all_positions else 1,
         )
         self.cache = out.past_key_values
-        return out.logits[:, -1, : self.vocab_size]
+        logits = out.logits[..., : self.vocab_size]
+        return logits if all_positions else logits[:, -1]

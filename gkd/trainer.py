@@ -189,6 +189,21 @@ class _Timers:
         return out
 
 
+
+def draft_metrics(rollouts: list[Rollout]) -> dict[str, float]:
+    """Teacher-mixed sampling over a buffer, all ranks: the share of drafts accepted, and the tokens
+    a live sequence commits per teacher pass (1 to ``mix_draft_tokens``)."""
+    stats = [r.draft_stats for r in rollouts if r.draft_stats is not None]
+    if not stats:
+        return {}
+    totals = distributed.all_reduce_sum(torch.tensor(
+        [sum(s[0] for s in stats), sum(s[1] for s in stats), sum(s[2] for s in stats),
+         float(sum(r.completion_mask.sum() for r in rollouts))], dtype=torch.float64))
+    accepted, rejected, row_rounds, tokens = totals.tolist()
+    return {"mix_draft_accept": accepted / max(accepted + rejected, 1.0),
+            "mix_tokens_per_teacher_pass": tokens / max(row_rounds, 1.0)}
+
+
 class GKDTrainer:
     """On-policy distillation of ``student`` towards ``teacher`` (``config.algorithm``: gkd | minillm).
 
@@ -455,7 +470,7 @@ class GKDTrainer:
     def mixed_rollout(self, batch: dict[str, Any]) -> Rollout:
         """MiniLLM: teacher-mixed sampling, storing log q_old, log p and log p̃ per token."""
         rollout = self._sample(batch, self.accelerator.unwrap_model(self.student), teacher=self.teacher,
-                               teacher_mix=self.config.teacher_mix)
+                               teacher_mix=self.config.teacher_mix, draft_tokens=self.config.mix_draft_tokens)
         rollout.rows = batch["rows"]
         return rollout
 
@@ -834,6 +849,7 @@ class GKDTrainer:
             with self.timers("reward"):
                 shared = self.score_rewards(buffer)
                 shared.update(self.minillm_advantages(buffer))
+                shared.update(draft_metrics(buffer))
             self.minillm_state = {"buffer": buffer, "shared": shared, "epoch": 0, "order": None, "next": 0}
         state = self.minillm_state
         while state["epoch"] < cfg.ppo_epochs:

@@ -100,6 +100,148 @@ def test_teacher_logprobs_from_sampling_match_a_teacher_forward(tokenizer):
     torch.testing.assert_close(r.teacher_logprobs[m], ref[m], rtol=1e-4, atol=1e-4)
 
 
+class MarkovLM(torch.nn.Module):
+    """Next-token logits depend on the current input token only: ``table[token]``. Ignores caches and
+    masks, so exact sequence probabilities can be enumerated by hand."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, **kw):
+        return SimpleNamespace(logits=self.table[input_ids].clone(), past_key_values=None)
+
+
+def _sequence_probs(q_tab, p_tab, mix, start, eos, length):
+    """Exact probability of every completion (cut at EOS) under p̃ = mix·p + (1−mix)·q, float64."""
+    q, p = torch.softmax(q_tab.double(), -1), torch.softmax(p_tab.double(), -1)
+    mixed = mix * p + (1 - mix) * q
+    probs = {}
+
+    def walk(prefix, last, prob):
+        if len(prefix) == length or (prefix and prefix[-1] == eos):
+            probs[tuple(prefix)] = probs.get(tuple(prefix), 0.0) + prob
+            return
+        for tok in range(mixed.shape[1]):
+            walk(prefix + [tok], tok, prob * float(mixed[last, tok]))
+
+    walk([], start, 1.0)
+    return probs, q, p, mixed
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_speculative_mixed_sampling_draws_whole_sequences_from_the_mixture(k):
+    """χ² over every completion of 3 tokens (EOS = 3 ends early): the committed sequences follow
+    p̃ exactly for any draft length k, including rejections, residual draws and EOS inside a round."""
+    g = torch.Generator().manual_seed(11)
+    q_tab, p_tab, mix, eos = torch.randn(4, 4, generator=g) * 1.5, torch.randn(4, 4, generator=g) * 1.5, 0.35, 3
+    probs, q, p, mixed = _sequence_probs(q_tab, p_tab, mix, start=1, eos=eos, length=3)
+    n = 40000
+    ids, mask = torch.full((n, 2), 1), torch.ones(n, 2, dtype=torch.bool)
+    r = sample(MarkovLM(q_tab), ids, mask, SamplingParams(max_new_tokens=3), eos_token_id=eos, pad_token_id=0,
+               generator=torch.Generator().manual_seed(k), teacher=MarkovLM(p_tab), teacher_mix=mix, draft_tokens=k)
+    counts: dict[tuple, int] = {}
+    for row, m in zip(r.completion_ids.tolist(), r.completion_mask.tolist(), strict=True):
+        seq = tuple(t for t, keep in zip(row, m, strict=True) if keep)
+        counts[seq] = counts.get(seq, 0) + 1
+    assert set(counts) <= set(probs)
+    chi2 = sum((counts.get(s, 0) - n * pr) ** 2 / (n * pr) for s, pr in probs.items())
+    df = len(probs) - 1  # 37 cells here
+    assert chi2 < df + 4 * math.sqrt(2 * df)  # ≈ p < 0.001
+    student_only, _, _, _ = _sequence_probs(q_tab, p_tab, 0.0, start=1, eos=eos, length=3)
+    chi2_student = sum((counts.get(s, 0) - n * pr) ** 2 / (n * pr) for s, pr in student_only.items())
+    assert chi2_student > 10 * df  # the test has power: the student's own distribution is rejected
+    # stored log q, log p, log p̃ of every committed token, conditioned on the token before it
+    prev = torch.cat([torch.ones(n, 1, dtype=torch.long), r.completion_ids[:, :-1]], 1)
+    m, tok = r.completion_mask, r.completion_ids
+    for stored, table in ((r.sampled_logprobs, q), (r.teacher_logprobs, p), (r.mixed_logprobs, mixed)):
+        torch.testing.assert_close(stored[m].double(), table.log()[prev[m], tok[m]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_speculative_rounds_keep_the_caches_right(tokenizer, k):
+    """Real transformers with KV caches: rejected drafts leave holes in the attention mask, yet the
+    stored log q and log p equal fresh no-cache forwards of the final sequences."""
+    from gkd.scorer import completion_logits
+
+    student, teacher = tiny_model(tokenizer, hidden=32, seed=4), tiny_model(tokenizer, hidden=64, seed=5)
+    enc = tokenizer(["<bos>12+34=", "<bos>5+6=", "<bos>987+1="], add_special_tokens=False, padding=True,
+                    return_tensors="pt")
+    masks = []
+    teacher.register_forward_pre_hook(lambda mod, args, kw: masks.append(kw["attention_mask"].clone()), with_kwargs=True)
+    params = SamplingParams(10, temperature=0.3)  # sharper distributions: rejections happen
+    r = sample(student, enc.input_ids, enc.attention_mask, params, eos_token_id=2, pad_token_id=0,
+               generator=torch.Generator().manual_seed(6), teacher=teacher, teacher_mix=0.5, draft_tokens=k)
+    m = r.completion_mask
+    assert m.sum() > 6
+    assert (masks[-1][:, enc.input_ids.shape[1]:] == 0).any()  # some drafts were rejected: holes exist
+    for model, stored in ((student, r.sampled_logprobs), (teacher, r.teacher_logprobs)):
+        with torch.no_grad():
+            logits = completion_logits(model, r).float() / params.temperature
+        ref = torch.log_softmax(logits, -1).gather(-1, r.completion_ids[..., None])[..., 0]
+        torch.testing.assert_close(stored[m], ref[m], rtol=1e-4, atol=1e-4)
+
+
+def test_speculative_greedy_and_mix_zero_match_the_step_by_step_samplers(tokenizer):
+    student, teacher = tiny_model(tokenizer, hidden=32, seed=1), tiny_model(tokenizer, hidden=64, seed=2)
+    enc = tokenizer(["<bos>12+34=", "<bos>5+6="], add_special_tokens=False, padding=True, return_tensors="pt")
+    kw = dict(eos_token_id=2, pad_token_id=0, vocab_size=len(tokenizer), teacher=teacher)
+    greedy = SamplingParams(max_new_tokens=8, do_sample=False)
+    one = sample(student, enc.input_ids, enc.attention_mask, greedy, teacher_mix=0.5, draft_tokens=1, **kw)
+    four = sample(student, enc.input_ids, enc.attention_mask, greedy, teacher_mix=0.5, draft_tokens=4, **kw)
+    assert torch.equal(one.completion_ids, four.completion_ids)
+    torch.testing.assert_close(one.teacher_logprobs, four.teacher_logprobs, rtol=1e-4, atol=1e-5)
+    params = SamplingParams(max_new_tokens=8, temperature=0.8)
+    plain = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3),
+                   eos_token_id=2, pad_token_id=0, vocab_size=len(tokenizer))
+    mixed = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3),
+                   teacher_mix=0.0, draft_tokens=3, **kw)
+    assert torch.equal(plain.completion_ids, mixed.completion_ids)
+
+
+def test_draft_stats_estimate_the_acceptance_probability():
+    """Per draft, P(accept) = Σ_x min(q(x), p̃(x)); the counted rate estimates it. mix = 0 accepts all."""
+    q_logits, p_logits, mix = [2.0, 0.0, -1.0, 1.0, 0.5], [-1.0, 2.5, 0.0, 0.0, -3.0], 0.3
+    q, p = torch.softmax(torch.tensor(q_logits, dtype=torch.float64), -1), torch.softmax(torch.tensor(p_logits, dtype=torch.float64), -1)
+    alpha = float(torch.minimum(q, mix * p + (1 - mix) * q).sum())
+    ids, mask = torch.full((5000, 1), 1), torch.ones(5000, 1, dtype=torch.bool)
+    kw = dict(eos_token_id=99, pad_token_id=0, generator=torch.Generator().manual_seed(2), draft_tokens=4)
+    r = sample(FixedLM(q_logits), ids, mask, SamplingParams(max_new_tokens=12), teacher=FixedLM(p_logits),
+               teacher_mix=mix, **kw)
+    accepted, rejected, row_rounds = r.draft_stats
+    assert accepted / (accepted + rejected) == pytest.approx(alpha, abs=0.01)
+    assert 1 < r.num_tokens / row_rounds <= 4
+    r0 = sample(FixedLM(q_logits), ids, mask, SamplingParams(max_new_tokens=12), teacher=FixedLM(p_logits),
+                teacher_mix=0.0, **kw)
+    assert r0.draft_stats[1] == 0 and r0.num_tokens / r0.draft_stats[2] == 4
+
+
+def test_speculative_lockstep_keeps_calling_both_models_until_all_ranks_done():
+    """A finished rank keeps making the same model calls per round (ZeRO-3 gathers must match)."""
+    calls = {"student": 0, "teacher": 0}
+
+    class Counting(MarkovLM):
+        def __init__(self, table, name):
+            super().__init__(table)
+            self.name = name
+
+        def forward(self, input_ids, **kw):
+            calls[self.name] += 1
+            return super().forward(input_ids, **kw)
+
+    table = torch.full((4, 4), -20.0)
+    table[:, 3] = 20.0  # EOS at once
+    votes = iter([False, False, True])
+    ids, mask = torch.full((2, 2), 1), torch.ones(2, 2, dtype=torch.bool)
+    r = sample(Counting(table, "student"), ids, mask, SamplingParams(max_new_tokens=20), eos_token_id=3,
+               pad_token_id=0, generator=torch.Generator().manual_seed(0), teacher=Counting(table, "teacher"),
+               teacher_mix=0.2, draft_tokens=3, all_ranks_done=lambda local: local and next(votes))
+    assert r.completion_mask.tolist() == [[True], [True]]
+    # prefill + 3 rounds: 2 draft steps in the first, 3 in each later one; the teacher once per round
+    assert calls == {"student": 1 + 2 + 3 + 3, "teacher": 1 + 3}
+
+
 # --- returns ---------------------------------------------------------------------------------
 
 R = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, -2.0, 9.0, 9.0]])

@@ -45,6 +45,9 @@ def test_minillm_lowers_reverse_kl_to_the_teacher_on_held_out_prompts(tmp_path, 
     assert after.reverse_kl < 0.7 * before.reverse_kl, (before.reverse_kl, after.reverse_kl)
     # the first update of every buffer is on-policy: q_θ = q_old exactly
     assert history[0]["ratio"] == pytest.approx(1.0, abs=1e-5)
+    # speculative teacher-mixed sampling (default 4 drafts per teacher pass) reports how it went
+    assert 1 - cfg.teacher_mix - 0.05 <= history[0]["mix_draft_accept"] <= 1  # ≥ 1 − mix in expectation
+    assert 1 <= history[0]["mix_tokens_per_teacher_pass"] <= cfg.mix_draft_tokens
 
 
 def test_minillm_recipe_runs_from_the_cli(tmp_path):
