@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--draft", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8],
                         help="draft lengths k of speculative teacher-mixed sampling to time (1: teacher every token)")
+    parser.add_argument("--teacher-sharpness", type=float, default=1.0,
+                        help="multiply the teacher's LM head by this: random-init models are near-uniform and agree, "
+                             "so drafts are almost always accepted; a sharp teacher disagrees (acceptance → 1 − mix)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     from gkd.rollout import SamplingParams, sample
@@ -62,6 +65,8 @@ def main() -> None:
     }[size]
     student = _model(s_h, s_l, vocab, 0, device)
     teacher = _model(t_h, t_l, vocab, 1, device)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(args.teacher_sharpness)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, vocab - 1, (batch, prompt_len), generator=g).to(device)
     mask = torch.ones_like(prompts, dtype=torch.bool)
@@ -83,6 +88,7 @@ def main() -> None:
     for k in args.draft:
         methods[f"teacher-mixed sampling (mix 0.2), draft {k}"] = mixed(k)
     times: dict[str, list[float]] = {m: [] for m in methods}
+    accept: dict[str, float] = {}
     with torch.no_grad():
         for fn in methods.values():  # warm-up
             fn()
@@ -91,28 +97,31 @@ def main() -> None:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                fn()
+                out = fn()
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
+                if getattr(out, "draft_stats", None):
+                    a, r, rounds = out.draft_stats
+                    accept[name] = a / max(a + r, 1)
     base = statistics.median(times["plain sampling + teacher scoring"])
-    rows = [{"method": m, "median_s": statistics.median(t), "runs_s": t,
+    rows = [{"method": m, "median_s": statistics.median(t), "runs_s": t, "draft_accept": accept.get(m),
              "tokens_per_s": batch * new / statistics.median(t), "ratio_to_plain_plus_scoring": statistics.median(t) / base}
             for m, t in times.items()]
     setup = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
              "cpus": os.cpu_count(), "torch": torch.__version__, "vocab": vocab, "batch": batch,
-             "prompt_len": prompt_len, "max_new_tokens": new, "size": size,
+             "prompt_len": prompt_len, "max_new_tokens": new, "size": size, "teacher_sharpness": args.teacher_sharpness,
              "student_params": sum(p.numel() for p in student.parameters()),
              "teacher_params": sum(p.numel() for p in teacher.parameters())}
-    lines = ["| method | median s | tokens/s | × (plain + teacher scoring) |", "|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['median_s']:.3f} | {r['tokens_per_s']:.0f} | {r['ratio_to_plain_plus_scoring']:.2f} |"
-              for r in rows]
+    lines = ["| method | median s | tokens/s | × (plain + teacher scoring) | drafts accepted |", "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['median_s']:.3f} | {r['tokens_per_s']:.0f} | {r['ratio_to_plain_plus_scoring']:.2f} | "
+              + (f"{r['draft_accept']:.3f}" if r["draft_accept"] is not None else "-") + " |" for r in rows]
     table = "\n".join(lines)
     print(json.dumps(setup))
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"rollout_{device}_{size}"
+    tag = f"rollout_{device}_{size}" + (f"_sharp{args.teacher_sharpness:g}" if args.teacher_sharpness != 1.0 else "")
     (out / f"{tag}.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=1))
     (out / f"{tag}.md").write_text(table + "\n")
 

@@ -22,7 +22,10 @@ SETUPS = {
     "2 processes DDP": ["--multi_gpu", "--num_processes", "2"],
     "2 processes ZeRO-2": ["--config_file", str(ROOT / "ds_configs" / "accelerate_zero2_cpu2.yaml")],
     "2 processes ZeRO-3": ["--config_file", str(ROOT / "ds_configs" / "accelerate_zero3_cpu2.yaml")],
+    "2 processes ZeRO-3, per-layer gathers while sampling": [
+        "--config_file", str(ROOT / "ds_configs" / "accelerate_zero3_cpu2.yaml")],
 }
+EXTRA = {"2 processes ZeRO-3, per-layer gathers while sampling": ["zero3_gather_for_generation=false"]}
 
 
 def run(name: str, launch: list[str], steps: int, out: Path) -> dict:
@@ -32,7 +35,7 @@ def run(name: str, launch: list[str], steps: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_machines", "1",
            "--dynamo_backend", "no", "-m", "gkd.cli", "train", str(ROOT / "recipes" / "tiny.yaml"),
            f"output_dir={out}", f"max_steps={steps}", "progress_bar=false", "save_final_model=false",
-           "per_device_batch_size=8"]
+           "per_device_batch_size=8", *EXTRA.get(name, [])]
     if "DeepSpeed" not in name and "ZeRO" not in name:
         cmd.insert(cmd.index("--num_machines"), "--mixed_precision")
         cmd.insert(cmd.index("--num_machines"), "no")

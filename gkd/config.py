@@ -117,6 +117,7 @@ class GKDConfig:
     temperature: float = _f(1.0, "Sampling temperature for on-policy completions.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 disables).")
     top_k: int = _f(0, "Top-k sampling (0 disables).")
+    zero3_gather_for_generation: bool = _f(True, "ZeRO-3: gather the student's (and, for teacher-mixed sampling, the teacher's) full weights once per rollout instead of per layer and token (faster; one full copy of the weights per GPU while sampling). Turn off when that copy does not fit.")
     rollout_backend: str = _f("hf", "Who samples the student's on-policy completions: hf (our KV-cached sampler; every algorithm) or vllm (a vLLM engine colocated in each process, weights pushed after every optimizer step; GPU, `pip install vllm`; gkd only, since MiniLLM's teacher-mixed sampling needs the teacher at every token).")
     vllm_gpu_memory_utilization: float = _f(0.3, "rollout_backend=vllm: share of each GPU's memory the engine may take for its weights and KV cache.")
     vllm_sleep_mode: bool = _f(False, "rollout_backend=vllm: free the engine's weights and KV cache between sampling calls (less memory during updates, weights re-pushed each call).")

@@ -7,6 +7,8 @@ create one), and is a no-op in a single process.
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,7 @@ __all__ = [
     "any_rank",
     "broadcast_from_main",
     "check_deepspeed_batch_sizes",
+    "gathered_for_generation",
     "is_distributed",
     "prepare_teacher",
     "shutdown",
@@ -149,6 +152,35 @@ def check_deepspeed_batch_sizes(ds_config: dict, per_device_batch_size: int, gra
             f"gradient_accumulation_steps × processes = {per_device_batch_size} × {gradient_accumulation_steps} × "
             f"{num_processes} = {want}; set it to \"auto\" or change the recipe"
         )
+
+
+@contextmanager
+def gathered_for_generation(models: list[torch.nn.Module]) -> Iterator[None]:
+    """Hold the full weights of every ZeRO-3-partitioned model in ``models`` for a sampling loop.
+
+    Without it each decoding step all-gathers every layer again (a collective per layer and
+    token); with it there is one gather per model per rollout, at the cost of one full copy of
+    the weights per rank while sampling (TRL's ``ds3_gather_for_generation``). Models that are not
+    partitioned pass through untouched.
+    """
+    params = [p for m in models for p in m.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    # ZeRO-3's post-forward hooks re-partition a layer's weights unless a module still uses them
+    # (``ds_active_sub_modules``); a marker no module id can take keeps them whole while sampling,
+    # so the pre-forward hooks find them available and gather nothing.
+    marker = -1
+    with deepspeed.zero.GatheredParameters(params):
+        for p in params:
+            p.ds_active_sub_modules.add(marker)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.ds_active_sub_modules.discard(marker)
 
 
 def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:

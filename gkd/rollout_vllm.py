@@ -2,8 +2,8 @@
 
 vLLM is a soft dependency: nothing here imports it until a :class:`VLLMSampler` is built, and a
 missing install is a one-line error saying what to do. The engine runs *colocated*, inside every
-training process (one engine per rank, tensor parallel size 1, ``external_launcher`` under
-several processes, as TRL's ``vllm_mode="colocate"``), so no server and no extra GPUs are needed.
+training process (one engine per rank, tensor parallel size 1, vLLM's ``external_launcher``
+executor, as TRL's ``vllm_mode="colocate"``), so no server and no extra GPUs are needed.
 Each rank samples its own prompts; nothing has to stay in lockstep, which also takes the
 per-token parameter gathers of ZeRO-3 generation off the hot path.
 
@@ -124,6 +124,14 @@ def student_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
             yield name, p.data
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
 
@@ -183,11 +191,14 @@ class VLLMSampler:
             max_model_len=max_model_len, dtype=dtype, seed=process_index, enable_sleep_mode=enable_sleep_mode,
             logprobs_mode="processed_logprobs",  # log q of the distribution actually sampled
         )
-        if num_processes > 1:
-            # one engine per training process, in-process (TRL's colocate mode); vLLM reads these
-            os.environ.update(RANK=str(process_index), LOCAL_RANK=str(local_process_index),
-                              WORLD_SIZE=str(num_processes))
-            kwargs["distributed_executor_backend"] = "external_launcher"
+        # One engine per training process, run in this process (TRL's colocate mode): the
+        # external_launcher executor turns vLLM's engine-core subprocess off, so weights are pushed
+        # by reference, never pickled. It reads the launcher's variables.
+        os.environ.update(RANK=str(process_index), LOCAL_RANK=str(local_process_index), WORLD_SIZE=str(num_processes))
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:  # a plain single-process run
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(engine_kwargs or {})
         self.llm = vllm.LLM(**kwargs)
         self.synced_version: int | None = None  # the optimizer step whose weights the engine holds

@@ -446,12 +446,14 @@ class GKDTrainer:
         if self.vllm is not None and not kw and model is self.accelerator.unwrap_model(self.student):
             self.vllm.sync(model, self.step)  # no-op unless an optimizer step changed the weights
             return self.vllm.sample(batch["prompt_ids"], batch["prompt_mask"], self.sample_generator)
-        return sample(
-            model, batch["prompt_ids"], batch["prompt_mask"], self.sampling,
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            vocab_size=self.vocab_size, generator=self.sample_generator,
-            all_ranks_done=distributed.all_ranks_done if distributed.is_distributed() else None, **kw,
-        )
+        gather = [model, kw.get("teacher")] if self.config.zero3_gather_for_generation else []
+        with distributed.gathered_for_generation([m for m in gather if m is not None]):
+            return sample(
+                model, batch["prompt_ids"], batch["prompt_mask"], self.sampling,
+                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                vocab_size=self.vocab_size, generator=self.sample_generator,
+                all_ranks_done=distributed.all_ranks_done if distributed.is_distributed() else None, **kw,
+            )
 
     def rollout(self, batch: dict[str, Any], on_policy: bool) -> Rollout:
         """GKD: student samples (on-policy), teacher samples (``seq_kd``) or the dataset's references."""

@@ -48,10 +48,12 @@ def test_zero3_gkd_runs_resumes_bit_identically_and_consolidates_the_model(tmp_p
     obj = "objectives=[0.8*jsd, 0.2*hidden_mse]"
     straight = _ds_launch(3, tmp_path / "straight", "max_steps=4", obj)
     _check_lambda_agreement(straight)
-    split_dir = tmp_path / "split"
-    _ds_launch(3, split_dir, "max_steps=2", "save_steps=2", "save_final_model=false", obj)
+    # the split run also samples with per-layer gathers instead of one whole-model gather: same numbers
+    split_dir, per_layer = tmp_path / "split", "zero3_gather_for_generation=false"
+    _ds_launch(3, split_dir, "max_steps=2", "save_steps=2", "save_final_model=false", obj, per_layer)
     assert (split_dir / "checkpoint-2" / "COMPLETED").exists()
-    split = _ds_launch(3, split_dir, "max_steps=4", "resume_from_checkpoint=latest", "save_final_model=false", obj)
+    split = _ds_launch(3, split_dir, "max_steps=4", "resume_from_checkpoint=latest", "save_final_model=false", obj,
+                       per_layer)
     assert [(r["step"], r["loss"], r["loss_hidden_mse"], r["on_policy"]) for r in split] == \
         [(r["step"], r["loss"], r["loss_hidden_mse"], r["on_policy"]) for r in straight]
     # the final model is gathered from the ZeRO-3 shards into one Hugging Face folder

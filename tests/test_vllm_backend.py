@@ -6,6 +6,7 @@ missing-package error, request building, output conversion, weight push (plain, 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,12 +28,15 @@ FAKE = str(ROOT / "tests" / "fake_vllm")
 def fake_vllm(monkeypatch):
     monkeypatch.syspath_prepend(FAKE)
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    environ = dict(os.environ)  # the sampler sets the launcher variables vLLM reads (RANK, MASTER_PORT, ...)
     import vllm
 
     assert vllm.__file__.startswith(FAKE)
     vllm.ENGINES.clear()
     yield vllm
     sys.modules.pop("vllm", None)
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def test_missing_vllm_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -93,6 +97,8 @@ def test_trainer_samples_through_vllm_and_pushes_weights_after_each_step(tmp_pat
     trainer = _trainer(tmp_path)
     engine = fake_vllm.ENGINES[-1]
     assert engine.kwargs["logprobs_mode"] == "processed_logprobs" and engine.kwargs["load_format"] == "dummy"
+    assert engine.kwargs["distributed_executor_backend"] == "external_launcher"  # in-process engine
+    assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"]
     assert engine.kwargs["max_model_len"] == trainer.config.max_prompt_length + trainer.config.max_new_tokens
     student = trainer.accelerator.unwrap_model(trainer.student)
     assert not _engine_matches(engine, student)  # dummy weights until the first push
