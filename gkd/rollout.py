@@ -147,15 +147,14 @@ def sample(
         raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
     was_training = model.training
     model.eval()
+    common = dict(eos=_as_id_tensor(eos_token_id, prompt_ids.device), pad_token_id=pad_token_id,
+                  vocab_size=vocab_size, generator=generator, all_ranks_done=all_ranks_done)
     try:
         if teacher is not None:
             teacher.eval()
-            return _sample_mixed(model, teacher, prompt_ids, prompt_mask, params, eos=_as_id_tensor(eos_token_id, prompt_ids.device),
-                                 pad_token_id=pad_token_id, vocab_size=vocab_size, generator=generator,
-                                 all_ranks_done=all_ranks_done, mix=teacher_mix, k=draft_tokens)
-        return _sample_plain(model, prompt_ids, prompt_mask, params, eos=_as_id_tensor(eos_token_id, prompt_ids.device),
-                             pad_token_id=pad_token_id, vocab_size=vocab_size, generator=generator,
-                             all_ranks_done=all_ranks_done)
+            return _sample_mixed(model, teacher, prompt_ids, prompt_mask, params, mix=teacher_mix, k=draft_tokens,
+                                 **common)  # type: ignore[arg-type]
+        return _sample_plain(model, prompt_ids, prompt_mask, params, **common)  # type: ignore[arg-type]
     finally:
         if was_training:
             model.train()
@@ -285,7 +284,8 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
                 y = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
             else:
                 y = (mix * p_j + (1 - mix) * q_j).argmax(-1)
-            y_q, y_p = q_all[rows, at].gather(-1, y[:, None]).squeeze(-1), p_all[rows, at].gather(-1, y[:, None]).squeeze(-1)
+            y_q = q_all[rows, at].gather(-1, y[:, None]).squeeze(-1)
+            y_p = p_all[rows, at].gather(-1, y[:, None]).squeeze(-1)
             put = rejected[:, None] & (cols == at[:, None])
             new_ids = torch.where(put, y[:, None], d_all)
             new_q, new_p = torch.where(put, y_q[:, None], q_d), torch.where(put, y_p[:, None], p_d)
@@ -317,7 +317,8 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
     used = max(int(length.max()), 1)
     mask = torch.arange(used, device=device)[None] < length[:, None]
     return Rollout(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), completion_ids=out_ids[:, :used].masked_fill(~mask, pad_token_id),
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(),
+        completion_ids=out_ids[:, :used].masked_fill(~mask, pad_token_id),
         completion_mask=mask, on_policy=True, sampled_logprobs=out["q"][:, :used] * mask,
         teacher_logprobs=out["p"][:, :used] * mask, mixed_logprobs=out["mix"][:, :used] * mask,
         draft_stats=(stats[0], stats[1], stats[2]),

@@ -189,7 +189,6 @@ class _Timers:
         return out
 
 
-
 def draft_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     """Teacher-mixed sampling over a buffer, all ranks: the share of drafts accepted, and the tokens
     a live sequence commits per teacher pass (1 to ``mix_draft_tokens``)."""

@@ -64,3 +64,23 @@ def test_different_tokenizers_are_a_clear_error(tokenizer):
     assert isinstance(other, PreTrainedTokenizerFast)
     with pytest.raises(ValueError, match="tokenizers differ"):
         check_tokenizers_match(tokenizer, other)
+
+
+def test_fused_head_refuses_soft_capped_logits(tokenizer):
+    """The fused / top-k paths multiply hidden states by the head themselves: a model whose logits are
+    not head(last hidden) (Gemma-2's final soft-capping) is a one-line error, a plain model passes."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from gkd.config import InputError
+    from gkd.scorer import completion_outputs
+
+    r = _rollout(tokenizer, ["<bos>12+3="], ["15<eos>"])
+    plain = completion_outputs(tiny_model(tokenizer, hidden=32, seed=3), r, final_hidden=True)
+    assert plain.logits is None and plain.final_hidden.shape[:2] == r.completion_ids.shape
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, final_logit_softcapping=0.5,
+                       pad_token_id=tokenizer.pad_token_id)
+    capped = AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(InputError, match="not lm_head.*soft-capping.*fused_lm_head: false"):
+        completion_outputs(capped, r, final_hidden=True)
