@@ -147,6 +147,8 @@ class GKDConfig:
     logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
     report_to: list[str] = _f(["none"], "Trackers besides metrics.jsonl, through accelerate: tensorboard, wandb, or none.")
     log_samples_steps: int = _f(0, "Every N steps, log a few student completions with their teacher log-prob to the log and samples.jsonl (0: never).")
+    eval_steps: int = _f(0, "Every N optimizer steps and after the last one, evaluate the student greedily on eval_prompts held-out prompts (the dataset's validation part: builtin:addition's held-out problems, or validation_size rows): eval_accuracy (task checker, else exact match with the reference), eval_rouge_l (with references), eval_forward_kl / eval_reverse_kl against the teacher on the student's own completions, eval_len. 0: never.")
+    eval_prompts: int = _f(128, "eval_steps: held-out prompts per evaluation, split evenly across processes.")
     save_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
     save_total_limit: int = _f(0, "Keep only the newest N complete checkpoints (0 keeps all).")
     resume_from_checkpoint: str | None = _f(None, "'latest' (newest complete checkpoint in output_dir, or a fresh start if none) or a checkpoint folder.")
@@ -181,6 +183,8 @@ class GKDConfig:
             (self.logging_steps > 0, "logging_steps", "must be > 0"),
             (self.log_samples_steps >= 0, "log_samples_steps", "must be >= 0"),
             (self.save_steps >= 0, "save_steps", "must be >= 0"),
+            (self.eval_steps >= 0, "eval_steps", "must be >= 0 (0: never)"),
+            (self.eval_prompts > 0, "eval_prompts", "must be > 0"),
             (self.max_consecutive_skips >= 0, "max_consecutive_skips", "must be >= 0"),
             (self.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps all)"),
             (self.lora_r >= 0, "lora_r", "must be >= 0 (0 disables LoRA)"),

@@ -94,6 +94,7 @@ def evaluate(
     batch_size: int = 128,
     num_samples: int = 3,
     rouge: bool | None = None,
+    all_ranks_done: Callable[[bool], bool] | None = None,
 ) -> EvalResult:
     """Decode every prompt with ``model`` and score the completions.
 
@@ -103,7 +104,7 @@ def evaluate(
     ``samples_per_prompt`` completions per prompt with a generator seeded by ``seed``. With a
     ``teacher`` (same tokenizer), the teacher–model KLs on those completions are computed too.
     ``rouge`` defaults to "when every row has a reference". ``num_samples`` completions are kept
-    for display.
+    for display. ``all_ranks_done`` keeps sampling in lockstep across processes (ZeRO-3), as in training.
     """
     if decoding not in DECODINGS:
         raise InputError(f"decoding={decoding!r} is not valid; choose one of: {', '.join(DECODINGS)}")
@@ -142,7 +143,7 @@ def evaluate(
         rollout = sample(
             model, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), params,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab,
-            generator=generator,
+            generator=generator, all_ranks_done=all_ranks_done,
         )
         ids = [rollout.completion_ids[i][rollout.completion_mask[i]].tolist() for i in range(len(batch["rows"]))]
         completion_ids.extend(ids)

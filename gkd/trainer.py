@@ -219,6 +219,7 @@ class GKDTrainer:
         tokenizer: Any = None,
         train_rows: list[dict[str, Any]] | None = None,
         lm_rows: list[dict[str, Any]] | None = None,
+        eval_rows: list[dict[str, Any]] | None = None,
         accelerator: Accelerator | None = None,
     ) -> None:
         self.config = cfg = config
@@ -291,6 +292,7 @@ class GKDTrainer:
                 f"{len(rows)} training rows give no full batch of per_device_batch_size={cfg.per_device_batch_size} "
                 f"on {acc.num_processes} process(es)"
             )
+        self.eval_rows = self._eval_shard(eval_rows) if cfg.eval_steps else []
         self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
         self.vllm = self._build_vllm() if cfg.rollout_backend == "vllm" else None
         self.coin = distributed.OnPolicyScheduler(cfg.lmbda, cfg.seed)
@@ -384,6 +386,58 @@ class GKDTrainer:
         return load_rows(dataset or "", self.tokenizer, dataset_format=cfg.dataset_format,
                          num_examples=cfg.num_train_examples, max_digits=cfg.max_digits, seed=cfg.seed,
                          split=cfg.dataset_split, **split)
+
+    def _eval_shard(self, given: Any) -> list[dict[str, Any]]:
+        """This process's share of the held-out prompts for ``eval_steps``: the first ``eval_prompts``
+        rows of the dataset's validation part (or of ``eval_rows`` from the Python API), cut to a
+        multiple of the process count so every rank decodes the same number (ZeRO-3 lockstep)."""
+        cfg, acc = self.config, self.accelerator
+        if given is not None:
+            rows = self._given_rows(given)
+        else:
+            rows = load_rows(cfg.dataset, self.tokenizer, dataset_format=cfg.dataset_format,
+                             num_examples=cfg.num_train_examples, max_digits=cfg.max_digits, seed=cfg.seed,
+                             split=cfg.dataset_split, part="validation", validation_size=cfg.validation_size,
+                             split_seed=cfg.split_seed, max_response_length=cfg.max_response_length)
+        per_rank = min(cfg.eval_prompts, len(rows)) // acc.num_processes
+        if per_rank == 0:
+            raise InputError(f"eval_steps={cfg.eval_steps}: {len(rows)} held-out rows cannot give each of "
+                             f"{acc.num_processes} process(es) a prompt")
+        return rows[acc.process_index * per_rank:(acc.process_index + 1) * per_rank]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy held-out evaluation of the current student (``eval_steps``), summed over processes:
+        ``eval_accuracy``, ``eval_rouge_l``, ``eval_forward_kl`` / ``eval_reverse_kl`` (teacher vs
+        student on the student's completions, per token) and ``eval_len`` (tokens per completion)."""
+        from gkd.evaluate import evaluate
+
+        cfg = self.config
+        checker = None
+        if cfg.dataset == "builtin:addition":
+            from gkd.task import check_answer
+
+            checker = check_answer
+        student = self.accelerator.unwrap_model(self.student)
+        start = time.perf_counter()
+        with distributed.gathered_for_generation([student] if cfg.zero3_gather_for_generation else []):
+            r = evaluate(student, self.tokenizer, self.eval_rows, checker, teacher=self.teacher, decoding="greedy",
+                         max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length,
+                         batch_size=len(self.eval_rows), num_samples=0,
+                         all_ranks_done=distributed.all_ranks_done if distributed.is_distributed() else None)
+        n, tokens = float(r.num_completions), r.completion_len_mean * r.num_completions
+        per_completion = {k: v for k, v in (("eval_accuracy", r.accuracy), ("eval_rouge_l", r.rouge_l)) if v is not None}
+        per_token = {k: v for k, v in (("eval_forward_kl", r.forward_kl), ("eval_reverse_kl", r.reverse_kl))
+                     if v is not None}
+        sums = distributed.all_reduce_sum(torch.tensor(
+            [n, tokens, *(v * n for v in per_completion.values()), *(v * tokens for v in per_token.values())],
+            dtype=torch.float64)).tolist()
+        total_n, total_tokens = sums[0], sums[1]
+        out = {k: v / total_n for k, v in zip(per_completion, sums[2:], strict=False)}
+        out.update({k: v / max(total_tokens, 1.0) for k, v in zip(per_token, sums[2 + len(per_completion):],
+                                                                  strict=True)})
+        out.update(eval_len=total_tokens / total_n, time_eval=time.perf_counter() - start)
+        return out
 
     def _given_rows(self, rows: Any) -> list[dict[str, Any]]:
         """Rows passed to the Python API: a list of dicts, a ``datasets.Dataset`` or any iterable of rows."""
@@ -910,8 +964,11 @@ class GKDTrainer:
         while self.step < cfg.max_steps:
             steps = self.minillm_iteration() if cfg.algorithm == "minillm" else iter([self.train_step()])
             for metrics in steps:
+                evaluated = bool(cfg.eval_steps) and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps)
+                if evaluated:
+                    metrics.update(self.evaluate())
                 history.append(metrics)
-                if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                if evaluated or self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
                     self.log(metrics)
                 if bar is not None:
                     bar.update(1)

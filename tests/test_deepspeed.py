@@ -70,6 +70,9 @@ def test_zero3_minillm_teacher_mixed_sampling(tmp_path):
     # under ZeRO-3, whose partitioned init is a collective)
     rows = _ds_launch(3, tmp_path / "mini", "algorithm=minillm", "num_rollouts=16", "per_device_batch_size=4",
                       "ppo_epochs=2", "max_steps=4", "teacher_mix=0.2", "save_final_model=false",
-                      env_extra={"GKD_CACHE": str(tmp_path / "cold-cache")})
+                      "eval_steps=2", "eval_prompts=8", env_extra={"GKD_CACHE": str(tmp_path / "cold-cache")})
     assert [r["ppo_epoch"] for r in rows] == [0, 0, 1, 1]
+    # held-out evaluation under ZeRO-3 (sharded teacher, gathered student, lockstep decoding)
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4]
+    assert all(r["eval_reverse_kl"] >= 0 for r in rows if "eval_reverse_kl" in r)
     assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5)

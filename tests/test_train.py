@@ -89,13 +89,21 @@ def _launch(nproc: int, out: Path, *overrides: str) -> list[dict]:
 def test_two_processes_equal_one_process_with_gradient_accumulation(tmp_path):
     """2 ranks × 1 micro-batch == 1 rank × 2 accumulated micro-batches: same samples per step, same
     global-token-mean loss, so the same λ draws and per-step losses (off- and on-policy steps)."""
-    common = ["max_steps=4", "per_device_batch_size=4", "lmbda=0.0"]
+    common = ["max_steps=4", "per_device_batch_size=4", "lmbda=0.0", "eval_steps=2", "eval_prompts=16"]
     one = _launch(1, tmp_path / "one", *common, "gradient_accumulation_steps=2")
     two = _launch(2, tmp_path / "two", *common, "gradient_accumulation_steps=1")
     assert [r["on_policy"] for r in one] == [r["on_policy"] for r in two]
     for a, b in zip(one, two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
         assert a["completion_len_mean"] == pytest.approx(b["completion_len_mean"])
+    # held-out evaluation: 16 prompts on one process == 8 + 8 on two, summed over ranks
+    evals = [(a, b) for a, b in zip(one, two, strict=True) if "eval_accuracy" in a]
+    assert [a["step"] for a, _ in evals] == [2, 4] and all("eval_accuracy" in b for _, b in evals)
+    for a, b in evals:
+        for key in ("eval_accuracy", "eval_len", "eval_rouge_l"):
+            assert a[key] == pytest.approx(b[key]), key
+        for key in ("eval_reverse_kl", "eval_forward_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3), key
 
 
 def test_minillm_two_processes_with_gradient_accumulation(tmp_path):
@@ -105,3 +113,38 @@ def test_minillm_two_processes_with_gradient_accumulation(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["ppo_epoch"] for r in rows] == [0, 1, 0, 1]
     assert all(abs(r["loss"]) < 1e3 for r in rows)
+
+
+def test_eval_steps_log_held_out_metrics_that_match_gkd_eval(tmp_path):
+    """eval_steps evaluates the student on held-out prompts during training; the last evaluation equals
+    an independent evaluate() of the saved final model on the same rows."""
+    from gkd.data import load_rows
+    from gkd.evaluate import evaluate
+    from gkd.task import check_answer, resolve_model_path
+    from gkd.trainer import load_model, load_tokenizer
+
+    out = tmp_path / "run"
+    assert main(["train", TINY, f"output_dir={out}", "max_steps=3", "eval_steps=2", "eval_prompts=24",
+                 "progress_bar=false", "logging_steps=10"]) == 0
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [2, 3]  # logged at every evaluation, whatever logging_steps says
+    for r in rows:
+        assert 0 <= r["eval_accuracy"] <= 1 and r["eval_reverse_kl"] >= 0 and r["eval_forward_kl"] >= 0
+        assert 0 < r["eval_len"] <= 9 and 0 <= r["eval_rouge_l"] <= 1
+    tokenizer = load_tokenizer(str(out / "final"))
+    held = load_rows("builtin:addition", tokenizer, num_examples=2000, max_digits=4, seed=0, part="validation")[:24]
+    ref = evaluate(load_model(str(out / "final")), tokenizer, held, check_answer,
+                   teacher=load_model(resolve_model_path("builtin:tiny-teacher")), max_new_tokens=9)
+    last = rows[-1]
+    assert last["eval_accuracy"] == pytest.approx(ref.accuracy)
+    assert last["eval_len"] == pytest.approx(ref.completion_len_mean)
+    assert last["eval_reverse_kl"] == pytest.approx(ref.reverse_kl, rel=1e-4)
+    assert last["eval_forward_kl"] == pytest.approx(ref.forward_kl, rel=1e-4)
+
+
+def test_eval_steps_needs_a_validation_part(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) for i in range(20)))
+    assert main(["train", TINY, f"output_dir={tmp_path / 'run'}", f"dataset={data}", "eval_steps=2",
+                 "progress_bar=false"]) == 2
+    assert "validation_size" in capsys.readouterr().err
