@@ -233,7 +233,7 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cols = torch.arange(k, device=device)
     pending: torch.Tensor | None = None  # last committed token, not yet in either cache
-    stats = [0, 0, 0]  # on live rows: drafts accepted, drafts rejected, row-rounds
+    stats = torch.zeros(3, dtype=torch.long, device=device)  # on live rows: drafts accepted, rejected, row-rounds
     for _ in range(max_new):  # every round commits >= 1 token per live row
         # --- draft: k student steps; the tokens fed here are appended to both caches ---
         fed = [] if pending is None else [pending]
@@ -292,9 +292,7 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
             new_mix = torch.where(put, torch.logaddexp(y_p + log_mix, y_q + log_rest)[:, None], mix_d)
         n_new = torch.where(rejected, n_acc + 1, torch.full_like(n_acc, k))
         live = ~finished
-        stats[0] += int(n_acc[live].sum())
-        stats[1] += int(rejected[live].sum())
-        stats[2] += int(live.sum())
+        stats += torch.stack([(n_acc * live).sum(), (rejected & live).sum(), live.sum()])  # no host sync
         # the fed slots that hold rejected drafts become holes (slot s holds d_s, or the pending token at s=0)
         if fed:
             draft_index = cols[: len(fed)] + (0 if pending is not None else 1)  # which d_j each slot holds (0: pending)
@@ -321,7 +319,7 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
         completion_ids=out_ids[:, :used].masked_fill(~mask, pad_token_id),
         completion_mask=mask, on_policy=True, sampled_logprobs=out["q"][:, :used] * mask,
         teacher_logprobs=out["p"][:, :used] * mask, mixed_logprobs=out["mix"][:, :used] * mask,
-        draft_stats=(stats[0], stats[1], stats[2]),
+        draft_stats=tuple(stats.tolist()),  # type: ignore[arg-type]
     )
 
 
