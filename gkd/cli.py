@@ -32,22 +32,22 @@ def _train(args: argparse.Namespace) -> int:
     is_main = trainer.accelerator.is_main_process
     global _hard_exit
     _hard_exit = world_size() > 1
-    history: list[dict] | None
+    message: str | None = None
     try:
         history = trainer.train()
     except Preempted as e:
-        message, code, history = f"gkd train: {e}", PREEMPTED_EXIT_CODE, None
+        message, code = f"gkd train: {e}", PREEMPTED_EXIT_CODE
     except NonFiniteError as e:
-        message, code, history = f"gkd train: error: {e}", 3, None
+        message, code = f"gkd train: error: {e}", 3
     else:
-        message, code = None, 0
+        code = 0
         if history:
             message = (f"done: {trainer.step} steps, final loss {history[-1]['loss']:.4f}; "
                        f"outputs in {config.output_dir}")
-    # The trainer's DDP / DeepSpeed wrappers hold the process group: drop them so shutdown() really
-    # joins the communicator threads (a live group at interpreter exit can abort with SIGABRT).
     if is_main and message:
         print(message, file=sys.stdout if code == 0 else sys.stderr, flush=True)
+    # The trainer's DDP / DeepSpeed wrappers hold the process group: drop them so shutdown() really
+    # joins the communicator threads (a live group at interpreter exit can abort with SIGABRT).
     del trainer
     shutdown(synchronize=code == 0)
     return code

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ __all__ = [
     "any_rank",
     "broadcast_from_main",
     "check_deepspeed_batch_sizes",
+    "gathered",
     "gathered_for_generation",
     "is_distributed",
     "prepare_teacher",
@@ -154,6 +155,17 @@ def check_deepspeed_batch_sizes(ds_config: dict, per_device_batch_size: int, gra
         )
 
 
+def gathered(params: list[torch.nn.Parameter]) -> AbstractContextManager:
+    """The full values of ``params`` for the duration (DeepSpeed ``GatheredParameters``) when they
+    are ZeRO-3-partitioned; a no-op for ordinary parameters."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
 @contextmanager
 def gathered_for_generation(models: list[torch.nn.Module]) -> Iterator[None]:
     """Hold the full weights of every ZeRO-3-partitioned model in ``models`` for a sampling loop.
@@ -164,16 +176,11 @@ def gathered_for_generation(models: list[torch.nn.Module]) -> Iterator[None]:
     partitioned pass through untouched.
     """
     params = [p for m in models for p in m.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        yield
-        return
-    import deepspeed
-
     # ZeRO-3's post-forward hooks re-partition a layer's weights unless a module still uses them
     # (``ds_active_sub_modules``); a marker no module id can take keeps them whole while sampling,
     # so the pre-forward hooks find them available and gather nothing.
     marker = -1
-    with deepspeed.zero.GatheredParameters(params):
+    with gathered(params):
         for p in params:
             p.ds_active_sub_modules.add(marker)
         try:

@@ -274,7 +274,8 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
         n_acc = accepted.long().cumprod(1).sum(1)  # leading accepted drafts per row
         rejected = n_acc < k
         new_ids, new_q, new_p, new_mix = d_all, q_d, p_d, mix_d
-        if bool(rejected.any()):
+        any_rejected = bool(rejected.any())
+        if any_rejected:
             at = n_acc.clamp(max=k - 1)
             rows = torch.arange(batch, device=device)
             q_j, p_j = q_all[rows, at].exp(), p_all[rows, at].exp()
@@ -308,7 +309,7 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
             out[name].scatter_(1, index, torch.where(valid, val, 0.0))
         length = length + valid.sum(1)
         finished = finished | (is_eos & valid).any(1) | (length >= max_new)
-        pending = torch.where(rejected, y, d_all[:, -1]) if bool(rejected.any()) else d_all[:, -1]
+        pending = torch.where(rejected, y, d_all[:, -1]) if any_rejected else d_all[:, -1]
         done = bool(finished.all())
         if all_ranks_done(done) if all_ranks_done is not None else done:
             break

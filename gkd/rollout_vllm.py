@@ -21,12 +21,12 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from gkd.config import InputError
+from gkd.distributed import gathered
 from gkd.rollout import Rollout, SamplingParams
 
 __all__ = ["VLLMSampler", "import_vllm", "rollout_from_outputs", "student_weights"]
@@ -104,10 +104,8 @@ def student_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
     A peft model is gathered whole, its adapters merged for the duration and unmerged afterwards;
     adapter tensors themselves are skipped.
     """
-    params = dict(model.named_parameters())
-    sharded = any(hasattr(p, "ds_id") for p in params.values())
     if _is_peft(model):
-        with _gathered(list(params.values()), sharded):
+        with gathered(list(model.parameters())):
             model.merge_adapter()  # type: ignore[operator]
             try:
                 prefix = model.prefix  # type: ignore[attr-defined]  # "lora_"
@@ -119,8 +117,8 @@ def student_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
             finally:
                 model.unmerge_adapter()  # type: ignore[operator]
         return
-    for name, p in params.items():
-        with _gathered([p], sharded):
+    for name, p in model.named_parameters():
+        with gathered([p]):
             yield name, p.data
 
 
@@ -134,14 +132,6 @@ def _free_port() -> int:
 
 def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
-
-
-def _gathered(params: list[torch.nn.Parameter], sharded: bool) -> Any:
-    if not sharded:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params)
 
 
 class VLLMSampler:

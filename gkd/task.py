@@ -87,13 +87,18 @@ def exact_match_reward(prompts: list[str], completions: list[str], **kwargs: obj
     return [float(check_answer(p, c)) for p, c in zip(prompts, completions, strict=True)]
 
 
+def max_problems(max_digits: int) -> int:
+    """How many distinct problems :func:`make_problems` can draw with ``max_digits``."""
+    return 10 ** (2 * max_digits) // 2
+
+
 def make_problems(n: int, max_digits: int = 4, seed: int = 0, exclude: set[tuple[int, int]] | None = None) -> list[Problem]:
     """``n`` distinct problems; each operand has 1..``max_digits`` digits (length uniform), zero-padded."""
-    if n > 10 ** (2 * max_digits) // 2:
+    if n > max_problems(max_digits):
         from gkd.config import InputError  # a ValueError; the command line prints it as one line
 
         raise InputError(f"cannot draw {n} distinct addition problems with max_digits={max_digits} (at most "
-                         f"{10 ** (2 * max_digits) // 2}); lower num_train_examples or raise max_digits")
+                         f"{max_problems(max_digits)}); lower num_train_examples or raise max_digits")
     rng = random.Random(seed)
     seen: set[tuple[int, int]] = set(exclude or ())
     out: list[Problem] = []
@@ -110,7 +115,7 @@ def make_problems(n: int, max_digits: int = 4, seed: int = 0, exclude: set[tuple
 
 def split_problems(n_train: int, n_eval: int, max_digits: int = 4, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """Disjoint train / held-out problem sets."""
-    limit = 10 ** (2 * max_digits) // 2
+    limit = max_problems(max_digits)
     if n_train + n_eval > limit:
         from gkd.config import InputError
 

@@ -378,27 +378,21 @@ class GKDTrainer:
                 f"{cfg.gradient_accumulation_steps} × {world} = {per_step}"
             )
 
-    def _load_rows(self, dataset: str | None) -> list[dict[str, Any]]:
+    def _load_rows(self, dataset: str | None, part: str = "train") -> list[dict[str, Any]]:
         cfg = self.config
-        # the train part of the train/validation split and the length filter apply to the training set only
+        # the train/validation split and the length filter apply to the training dataset only
         split = dict(validation_size=cfg.validation_size, split_seed=cfg.split_seed,
                      max_response_length=cfg.max_response_length) if dataset == cfg.dataset else {}
         return load_rows(dataset or "", self.tokenizer, dataset_format=cfg.dataset_format,
                          num_examples=cfg.num_train_examples, max_digits=cfg.max_digits, seed=cfg.seed,
-                         split=cfg.dataset_split, **split)
+                         split=cfg.dataset_split, part=part, **split)
 
     def _eval_shard(self, given: Any) -> list[dict[str, Any]]:
         """This process's share of the held-out prompts for ``eval_steps``: the first ``eval_prompts``
         rows of the dataset's validation part (or of ``eval_rows`` from the Python API), cut to a
         multiple of the process count so every rank decodes the same number (ZeRO-3 lockstep)."""
         cfg, acc = self.config, self.accelerator
-        if given is not None:
-            rows = self._given_rows(given)
-        else:
-            rows = load_rows(cfg.dataset, self.tokenizer, dataset_format=cfg.dataset_format,
-                             num_examples=cfg.num_train_examples, max_digits=cfg.max_digits, seed=cfg.seed,
-                             split=cfg.dataset_split, part="validation", validation_size=cfg.validation_size,
-                             split_seed=cfg.split_seed, max_response_length=cfg.max_response_length)
+        rows = self._given_rows(given) if given is not None else self._load_rows(cfg.dataset, part="validation")
         per_rank = min(cfg.eval_prompts, len(rows)) // acc.num_processes
         if per_rank == 0:
             raise InputError(f"eval_steps={cfg.eval_steps}: {len(rows)} held-out rows cannot give each of "
@@ -426,16 +420,14 @@ class GKDTrainer:
                          batch_size=len(self.eval_rows), num_samples=0,
                          all_ranks_done=distributed.all_ranks_done if distributed.is_distributed() else None)
         n, tokens = float(r.num_completions), r.completion_len_mean * r.num_completions
-        per_completion = {k: v for k, v in (("eval_accuracy", r.accuracy), ("eval_rouge_l", r.rouge_l)) if v is not None}
-        per_token = {k: v for k, v in (("eval_forward_kl", r.forward_kl), ("eval_reverse_kl", r.reverse_kl))
-                     if v is not None}
-        sums = distributed.all_reduce_sum(torch.tensor(
-            [n, tokens, *(v * n for v in per_completion.values()), *(v * tokens for v in per_token.values())],
-            dtype=torch.float64)).tolist()
-        total_n, total_tokens = sums[0], sums[1]
-        out = {k: v / total_n for k, v in zip(per_completion, sums[2:], strict=False)}
-        out.update({k: v / max(total_tokens, 1.0) for k, v in zip(per_token, sums[2 + len(per_completion):],
-                                                                  strict=True)})
+        # (name, mean, averaged over tokens rather than completions); metrics a run lacks are left out
+        parts = [(k, v, per_token) for k, v, per_token in (
+            ("eval_accuracy", r.accuracy, False), ("eval_rouge_l", r.rouge_l, False),
+            ("eval_forward_kl", r.forward_kl, True), ("eval_reverse_kl", r.reverse_kl, True)) if v is not None]
+        total_n, total_tokens, *sums = distributed.all_reduce_sum(torch.tensor(
+            [n, tokens, *(v * (tokens if per_token else n) for _, v, per_token in parts)], dtype=torch.float64)).tolist()
+        out = {k: total / (max(total_tokens, 1.0) if per_token else total_n)
+               for (k, _, per_token), total in zip(parts, sums, strict=True)}
         out.update(eval_len=total_tokens / total_n, time_eval=time.perf_counter() - start)
         return out
 
