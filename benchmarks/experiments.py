@@ -128,8 +128,9 @@ def run(plan: Plan, methods: list[Method], work: Path) -> dict[str, Any]:
     from gkd.config import GKDConfig
     from gkd.demo import cached_teacher
     from gkd.evaluate import evaluate
+    from gkd.models import load_model, load_tokenizer
     from gkd.task import STUDENT_SHAPE, check_answer, save_random_model, split_problems
-    from gkd.trainer import GKDTrainer, load_model, load_tokenizer
+    from gkd.trainer import GKDTrainer
 
     t_start = time.perf_counter()
     demo = _demo_plan(plan)

@@ -1,6 +1,6 @@
 """gkd: on-policy knowledge distillation for language models (GKD, MiniLLM) on accelerate / DeepSpeed.
 
-Data flows ``data → rollout → scorer → losses → trainer``; see DESIGN and ``docs/``.
+Data flows ``data → rollout → scorer → losses → trainer``; see ``docs/design.md``.
 """
 
 from gkd.config import ConfigError, GKDConfig, load_config

@@ -1,27 +1,36 @@
 """Checkpoint folders: ``checkpoint-<step>/`` with a ``COMPLETED`` marker written last.
 
 A folder without the marker is torn (the process died while writing it) and is never resumed from.
-The contents are written by ``accelerator.save_state`` (sharded under DeepSpeed) plus the trainer's
-own state (see :meth:`gkd.trainer.GKDTrainer.save_checkpoint`).
+The contents (:func:`save_checkpoint`): ``accelerator.save_state`` (model, optimizer, scheduler, RNG of
+every rank; sharded under DeepSpeed), ``generators_<rank>.pt`` (the sampling stream and the
+algorithm's own random streams), ``<name>_<rank>.pt`` for an algorithm's state in progress (MiniLLM:
+``minillm_buffer``), ``trainer_state.json`` (step, data position, process count), then the marker.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["MARKER", "CheckpointError", "complete_checkpoints", "find_resume_checkpoint", "mark_completed", "rotate_checkpoints"]
+import torch
+
+from gkd.errors import CheckpointError, InputError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["MARKER", "CheckpointError", "TrainingState", "complete_checkpoints", "find_resume_checkpoint", "load_checkpoint",
+           "mark_completed", "rotate_checkpoints", "save_checkpoint"]
 
 logger = logging.getLogger("gkd")
 MARKER = "COMPLETED"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions); earlier checkpoints are intact."""
 
 
 def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -98,3 +107,66 @@ def find_resume_checkpoint(spec: str | None, output_dir: str | Path) -> Path | N
             "use 'latest' to pick the newest complete one"
         )
     return path
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides ``accelerator.save_state``."""
+
+    trainer: dict[str, Any]  # written by the main process: step, data_pos, num_processes
+    generators: dict[str, Any]  # this rank's random streams by name (``torch.Generator.get_state()``)
+    rank_files: dict[str, Any]  # this rank's algorithm state in progress, by file name (picklable)
+
+
+def save_checkpoint(acc: Accelerator, output_dir: Path, step: int, state: TrainingState, save_total_limit: int) -> Path:
+    """Write ``checkpoint-<step>`` (every rank calls this), then the ``COMPLETED`` marker, then rotate.
+    A failed write removes the torn folder and raises :class:`CheckpointError`."""
+    path = output_dir / f"checkpoint-{step}"
+    if (path / MARKER).exists():  # already saved (e.g. save_steps and a signal at the same step)
+        return path
+    if acc.is_main_process and path.exists():  # a torn attempt at this step
+        shutil.rmtree(path)
+    acc.wait_for_everyone()
+    try:
+        _write(acc, path, step, state, save_total_limit)
+    except OSError as e:
+        shutil.rmtree(path, ignore_errors=True)  # never leave a torn folder behind
+        saved = complete_checkpoints(output_dir)
+        last = f"the previous checkpoint {saved[-1]} is intact" if saved else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; {last}") from e
+    return path
+
+
+def _write(acc: Accelerator, path: Path, step: int, state: TrainingState, save_total_limit: int) -> None:
+    acc.save_state(str(path))
+    torch.save(state.generators, path / f"generators_{acc.process_index}.pt")
+    for name, obj in state.rank_files.items():
+        torch.save(obj, path / f"{name}_{acc.process_index}.pt")
+    if acc.is_main_process:
+        (path / "trainer_state.json").write_text(json.dumps(state.trainer))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        mark_completed(path, step)
+        for old in rotate_checkpoints(path.parent, save_total_limit):
+            logger.info("removed old checkpoint %s (save_total_limit=%d)", old, save_total_limit)
+    acc.wait_for_everyone()
+
+
+def load_checkpoint(acc: Accelerator, path: Path, rank_file_names: tuple[str, ...] = ()) -> TrainingState:
+    """Restore the accelerator's state from ``path`` and return the rest; only the ``rank_file_names``
+    that the checkpoint holds are read. A checkpoint of another process count is refused (the data
+    order and sampling streams depend on it)."""
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    if trainer["num_processes"] != acc.num_processes:
+        raise InputError(
+            f"checkpoint {path} was written by {trainer['num_processes']} process(es); resuming with "
+            f"{acc.num_processes} would change the data order and sampling streams"
+        )
+    acc.load_state(str(path))
+    generators = torch.load(path / f"generators_{acc.process_index}.pt", weights_only=True)
+    rank_files = {}
+    for name in rank_file_names:
+        file = path / f"{name}_{acc.process_index}.pt"
+        if file.exists():
+            rank_files[name] = torch.load(file, weights_only=False, map_location=acc.device)
+    return TrainingState(trainer, generators, rank_files)

@@ -26,7 +26,8 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     config = load_config(args.recipe, args.overrides)
     from gkd.distributed import shutdown, world_size
-    from gkd.trainer import PREEMPTED_EXIT_CODE, GKDTrainer, NonFiniteError, Preempted
+    from gkd.errors import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
+    from gkd.trainer import GKDTrainer
 
     trainer = GKDTrainer(config)
     is_main = trainer.accelerator.is_main_process
@@ -175,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from gkd.checkpoint import CheckpointError
-    from gkd.config import InputError
+    from gkd.errors import CheckpointError, InputError
 
     try:
         return args.func(args)

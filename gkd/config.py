@@ -17,20 +17,13 @@ from typing import Any
 
 import yaml
 
+from gkd.errors import ConfigError, InputError
 from gkd.losses import LOGIT_OBJECTIVES, REDUCTIONS
 
-__all__ = ["ConfigError", "GKDConfig", "InputError", "apply_overrides", "load_config"]
+__all__ = ["ALGORITHM_NAMES", "ConfigError", "GKDConfig", "InputError", "apply_overrides", "load_config"]
 
-
-class InputError(ValueError):
-    """Something the user gave (recipe, data, models, reward functions) is invalid.
-
-    The command line prints the message as one line and exits with status 2; the message names the
-    offending value and what to do about it."""
-
-
-class ConfigError(InputError):
-    """A recipe or override is invalid; the message says which value and how to fix it."""
+#: Valid ``algorithm`` values: the names registered in :data:`gkd.algorithms.ALGORITHMS` (a test ties them).
+ALGORITHM_NAMES = ("gkd", "minillm")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors dataclasses/TRL naming
@@ -41,7 +34,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors datac
 
 @dataclass
 class GKDConfig:
-    """Everything one distillation run needs. Field names follow DESIGN's coefficient names."""
+    """Everything one distillation run needs. One name per coefficient (``lmbda``, ``beta``, ``teacher_mix``, ``alpha``), never two meanings for one letter."""
 
     # --- models and data ---
     teacher: str | None = _f(None, "Teacher: Hugging Face id, local folder, or builtin:tiny-teacher (random-init, offline). May be empty only for pure SFT (divergence=kd, kd_weight=0, lmbda=0).")
@@ -63,14 +56,14 @@ class GKDConfig:
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model folders.")
     lora_r: int = _f(0, "LoRA rank of the student's adapters (peft); 0 trains all weights.")
     lora_alpha: float = _f(16.0, "LoRA scaling α (peft lora_alpha).")
-    lora_dropout: float = _f(0.0, "LoRA dropout (note: gkd turns dropout off in both models, DESIGN §1.2).")
+    lora_dropout: float = _f(0.0, "LoRA dropout (note: gkd turns dropout off in both models, docs/design.md).")
     lora_target_modules: list[str] = _f(["all-linear"], "Modules that get adapters (peft target_modules; 'all-linear' = every linear layer but the output head).")
     merge_lora: bool = _f(False, "Also save the base model with the adapters merged in, to output_dir/final-merged.")
 
     # --- algorithm ---
     algorithm: str = _f("gkd", "gkd (generalized KD, Agarwal et al. 2024) or minillm (reverse-KL policy gradient, Gu et al. 2024).")
 
-    # --- GKD algorithm (DESIGN §1.2) ---
+    # --- GKD algorithm (Agarwal et al. 2024, Algorithm 1; docs/concepts.md) ---
     lmbda: float = _f(0.5, "λ: probability that an optimizer step is on-policy (completions sampled from the student). 0 = supervised KD, 1 = fully on-policy.")
     divergence: str = _f("jsd", f"Token-level objective when `objectives` is empty: one of {', '.join(LOGIT_OBJECTIVES)}.")
     beta: float = _f(0.5, "β of the generalized JSD (divergence=jsd): 0 = forward KL, 1 = reverse KL.")
@@ -89,7 +82,7 @@ class GKDConfig:
     dkd_beta: float = _f(1.0, "dkd: weight β of the non-target term NCKD (the paper uses 8 on CIFAR-100, 0.5 on ImageNet).")
     layer_map: dict[int, int] = _f({}, "Hidden / attention objectives: {student_layer: teacher_layer} with output_hidden_states indices (0 = embeddings, i = block i); empty = uniform map of every student block.")
 
-    # --- MiniLLM (DESIGN §1.3) ---
+    # --- MiniLLM (Gu et al. 2024; docs/concepts.md) ---
     teacher_mix: float = _f(0.2, "minillm: share of the teacher in the sampling mixture p̃ = mix·p + (1−mix)·q (paper α).")
     mix_draft_tokens: int = _f(4, "minillm: tokens the student drafts per teacher pass in teacher-mixed sampling; speculative acceptance keeps every draw an exact sample of p̃ for any value (1: the teacher steps with every token). Logged: mix_draft_accept, mix_tokens_per_teacher_pass.")
     num_rollouts: int = _f(64, "minillm: completions collected (over all processes) before the PPO epochs over them.")
@@ -208,7 +201,7 @@ class GKDConfig:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} {why}")
         choices = {
-            "algorithm": ["gkd", "minillm"],
+            "algorithm": list(ALGORITHM_NAMES),
             "reward_baseline": ["batch", "group"],
             "divergence": list(LOGIT_OBJECTIVES),
             "loss_temperature_schedule": ["constant", "linear", "cosine"],

@@ -15,24 +15,33 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gkd.config import InputError
+from gkd.errors import InputError
 from gkd.rollout import Rollout
+
+if TYPE_CHECKING:
+    from gkd.config import GKDConfig
 
 logger = logging.getLogger("gkd")
 
 __all__ = [
     "PARTS",
+    "BatchStream",
     "Example",
     "PromptDataset",
     "collate",
+    "config_rows",
     "filter_by_length",
+    "given_rows",
     "load_rows",
+    "make_loader",
     "normalize_rows",
     "reference_rollout",
     "split_rows",
@@ -317,3 +326,61 @@ def reference_rollout(batch: dict[str, Any]) -> Rollout:
         on_policy=False,
         is_reference=True,
     )
+
+
+def config_rows(cfg: GKDConfig, dataset: str | None, tokenizer, part: str = "train") -> list[dict[str, Any]]:
+    """:func:`load_rows` with a run's settings; the train/validation split and the length filter
+    apply to the training dataset (``cfg.dataset``) only, not to ``lm_dataset``."""
+    split = dict(validation_size=cfg.validation_size, split_seed=cfg.split_seed,
+                 max_response_length=cfg.max_response_length) if dataset == cfg.dataset else {}
+    return load_rows(dataset or "", tokenizer, dataset_format=cfg.dataset_format, num_examples=cfg.num_train_examples,
+                     max_digits=cfg.max_digits, seed=cfg.seed, split=cfg.dataset_split, part=part, **split)
+
+
+def given_rows(rows: Any, tokenizer, dataset_format: str = "auto") -> list[dict[str, Any]]:
+    """Rows passed to the Python API: a list of dicts, a ``datasets.Dataset`` or any iterable of rows."""
+    return normalize_rows([dict(r) for r in rows], tokenizer, dataset_format=dataset_format, source="train_rows")
+
+
+def make_loader(rows: list[dict[str, Any]], tokenizer, cfg: GKDConfig, seed: int) -> torch.utils.data.DataLoader:
+    """Shuffled, full batches of ``per_device_batch_size`` rows; the order depends only on ``seed`` and the epoch."""
+    dataset = PromptDataset(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                            max_new_tokens=cfg.max_new_tokens, long_prompts=cfg.long_prompts)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.per_device_batch_size, shuffle=True, drop_last=True,
+        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+class BatchStream:
+    """Endless batches of a (prepared) loader. The order of each epoch depends only on (seed, epoch),
+    so a resumed run continues exactly at :attr:`position` ``[epoch, batches handed out in it]``,
+    skipping, not loading, the consumed batches (``skip_first_batches``: the accelerator's)."""
+
+    def __init__(self, loader: Any, skip_first_batches: Callable[[Any, int], Any]) -> None:
+        self.loader, self._skip = loader, skip_first_batches
+        self.position = [0, 0]
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            if self._it is None:
+                self.loader.set_epoch(self.position[0])
+                skip = self.position[1]
+                self._it = iter(self._skip(self.loader, skip) if skip else self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it, self.position = None, [self.position[0] + 1, 0]
+                continue
+            self.position[1] += 1
+            return batch
+
+    def load_position(self, position: list[int]) -> None:
+        """Continue at ``position`` (from a checkpoint); only before the first batch is drawn."""
+        assert self._it is None, "a stream's position is restored before it starts"
+        self.position = list(position)

@@ -83,7 +83,7 @@ def _distill(plan: DemoPlan, student: Path, teacher: Path, out: Path, steps: int
 
 
 def _load(path: Path):
-    from gkd.trainer import load_model, load_tokenizer
+    from gkd.models import load_model, load_tokenizer
 
     return load_model(str(path), "float32"), load_tokenizer(str(path))
 

@@ -1,4 +1,4 @@
-"""Everything that must agree across processes lives here (DESIGN §1.4: ranks must not diverge).
+"""Everything that must agree across processes lives here (docs/design.md, Invariants across processes).
 
 Uses ``torch.distributed`` directly when a process group is up (accelerate and DeepSpeed both
 create one), and is a no-op in a single process.
@@ -135,7 +135,7 @@ def check_deepspeed_batch_sizes(ds_config: dict, per_device_batch_size: int, gra
                                 num_processes: int) -> None:
     """DeepSpeed requires ``train_batch_size = micro_batch × accumulation × processes``; numbers written
     into the JSON (instead of ``"auto"``) must agree with the recipe. Raises with the arithmetic."""
-    from gkd.config import ConfigError
+    from gkd.errors import ConfigError
 
     micro = ds_config.get("train_micro_batch_size_per_gpu", "auto")
     gas = ds_config.get("gradient_accumulation_steps", "auto")

@@ -9,7 +9,7 @@ student's own completions, with greedy or seeded sampled decoding.
   MiniLLM's evaluation), mean over completions, in [0, 1] (papers print ×100).
 * **KL**: on the completions the evaluated model itself produced (greedy, or sampled with a seed),
   the exact per-position ``KL(p_t‖q_t)`` (forward) and ``KL(q_t‖p_t)`` (reverse) over the
-  vocabulary (DESIGN §1.1, untempered fp32 log-softmax), averaged over all completion tokens (EOS
+  vocabulary (untempered fp32 log-softmax, docs/concepts.md), averaged over all completion tokens (EOS
   included). On sampled completions the reverse-KL token mean is a Monte-Carlo estimate of the
   sequence-level reverse KL per token, the quantity MiniLLM minimises.
 """
@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from gkd.config import InputError
 from gkd.data import PARTS, PromptDataset, collate, load_rows
+from gkd.errors import InputError
 from gkd.losses import forward_kl, log_probs, masked_sum_and_count, reverse_kl
 from gkd.rewards import RewardFn, RewardFunctions
 from gkd.rollout import SamplingParams, sample
 from gkd.scorer import check_tokenizers_match, completion_logits
 
-__all__ = ["DECODINGS", "EvalResult", "evaluate", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
+__all__ = ["DECODINGS", "EvalResult", "eval_shard", "evaluate", "evaluate_in_training", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
            "write_report"]
 
 #: Decoding modes: ``greedy`` (argmax) or ``sample`` (temperature / top-p / top-k, seeded).
@@ -208,8 +208,8 @@ def _looks_local(name: str) -> bool:
 
 def _load_model_and_tokenizer(name: str, role: str, dtype: str = "float32"):
     """Load a model folder (or hub id) for evaluation; a missing or broken one is a one-line error."""
+    from gkd.models import load_model, load_tokenizer
     from gkd.task import resolve_model_path
-    from gkd.trainer import load_model, load_tokenizer
 
     path = resolve_model_path(name)
     local = Path(path).expanduser()
@@ -362,3 +362,48 @@ def write_report(report: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+
+def eval_shard(rows: list[dict[str, Any]], eval_prompts: int, process_index: int, num_processes: int,
+               eval_steps: int = 0) -> list[dict[str, Any]]:
+    """This process's share of the held-out prompts for ``eval_steps``: the first ``eval_prompts`` rows,
+    cut to a multiple of the process count so every rank decodes the same number (ZeRO-3 lockstep)."""
+    per_rank = min(eval_prompts, len(rows)) // num_processes
+    if per_rank == 0:
+        raise InputError(f"eval_steps={eval_steps}: {len(rows)} held-out rows cannot give each of "
+                         f"{num_processes} process(es) a prompt")
+    return rows[process_index * per_rank:(process_index + 1) * per_rank]
+
+
+@torch.no_grad()
+def evaluate_in_training(student: torch.nn.Module, tokenizer, rows: list[dict[str, Any]], *,
+                         teacher: torch.nn.Module | None, dataset: str, max_new_tokens: int, max_prompt_length: int,
+                         gather_for_generation: bool) -> dict[str, float]:
+    """Greedy held-out evaluation of the student during training (``eval_steps``) on this process's
+    ``rows``, summed over processes: ``eval_accuracy``, ``eval_rouge_l``, ``eval_forward_kl`` /
+    ``eval_reverse_kl`` (teacher vs student on the student's completions, per token) and ``eval_len``
+    (tokens per completion)."""
+    from gkd import distributed
+
+    checker = None
+    if dataset == "builtin:addition":
+        from gkd.task import check_answer
+
+        checker = check_answer
+    start = time.perf_counter()
+    with distributed.gathered_for_generation([student] if gather_for_generation else []):
+        r = evaluate(student, tokenizer, rows, checker, teacher=teacher, decoding="greedy",
+                     max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
+                     batch_size=len(rows), num_samples=0,
+                     all_ranks_done=distributed.all_ranks_done if distributed.is_distributed() else None)
+    n, tokens = float(r.num_completions), r.completion_len_mean * r.num_completions
+    # (name, mean, averaged over tokens rather than completions); metrics a run lacks are left out
+    parts = [(k, v, per_token) for k, v, per_token in (
+        ("eval_accuracy", r.accuracy, False), ("eval_rouge_l", r.rouge_l, False),
+        ("eval_forward_kl", r.forward_kl, True), ("eval_reverse_kl", r.reverse_kl, True)) if v is not None]
+    total_n, total_tokens, *sums = distributed.all_reduce_sum(torch.tensor(
+        [n, tokens, *(v * (tokens if per_token else n) for _, v, per_token in parts)], dtype=torch.float64)).tolist()
+    out = {k: total / (max(total_tokens, 1.0) if per_token else total_n)
+           for (k, _, per_token), total in zip(parts, sums, strict=True)}
+    out.update(eval_len=total_tokens / total_n, time_eval=time.perf_counter() - start)
+    return out

@@ -1,4 +1,4 @@
-"""Token-level distillation losses (DESIGN §1.1, GKD paper eq. 1, DistiLLM, Hinton KD, DKD,
+"""Token-level distillation losses (GKD paper eq. 1, DistiLLM, Hinton KD, DKD,
 logit MSE, hidden-state and attention distillation).
 
 Every function here is a pure tensor function: it takes logits ``(B, T, V)`` in any dtype,
@@ -109,7 +109,7 @@ def bucket_log_probs(student_logits: torch.Tensor, teacher: TeacherTopK, tempera
 
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``log_softmax(logits / τ)`` in fp32 whatever the input dtype (DESIGN §1.4: a bf16 teacher
+    """``log_softmax(logits / τ)`` in fp32 whatever the input dtype (docs/design.md, Numerics: a bf16 teacher
     against an fp32 student must not give a negative divergence)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -441,7 +441,7 @@ def generalized_jsd(
     return reduce_loss(per_token, mask, reduction)
 
 
-# --- MiniLLM (Gu et al. 2024): reverse KL by policy gradient (DESIGN §1.3) ----------------------
+# --- MiniLLM (Gu et al. 2024): reverse KL by policy gradient ----------------------
 
 
 def minillm_rewards(

@@ -17,10 +17,11 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from gkd.config import ConfigError
+from gkd.errors import ConfigError, InputError
 from gkd.losses import (
     LOGIT_OBJECTIVES,
     attention_kl_per_token,
@@ -29,6 +30,9 @@ from gkd.losses import (
     hidden_mse_per_token,
 )
 
+if TYPE_CHECKING:
+    from gkd.config import GKDConfig
+
 __all__ = [
     "ATTENTION_OBJECTIVES",
     "HIDDEN_OBJECTIVES",
@@ -36,10 +40,12 @@ __all__ = [
     "PROJECTION_ATTR",
     "HiddenProjection",
     "Objective",
+    "ObjectiveSetup",
     "default_layer_map",
     "objective_terms",
     "parse_objectives",
     "resolve_layer_map",
+    "setup_objectives",
     "temperature_at",
 ]
 
@@ -184,6 +190,61 @@ class HiddenProjection(torch.nn.Module):
             return hidden
         proj = self.maps[str(layer)]
         return proj(hidden.to(proj.weight.dtype))
+
+
+@dataclass
+class ObjectiveSetup:
+    """A run's objectives and the layers they read: ``(student layers, teacher layers)`` pairs in
+    ``layer_map`` order (empty when no hidden-state / attention objective is used)."""
+
+    objectives: list[Objective]
+    layer_map: dict[int, int] = field(default_factory=dict)
+    hidden_layers: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+    attention_layers: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+
+    @property
+    def logit(self) -> list[Objective]:
+        """Objectives on the vocabulary axis (computed a chunk of positions at a time)."""
+        return [o for o in self.objectives if not (o.uses_hidden or o.uses_attention)]
+
+    @property
+    def structural(self) -> list[Objective]:
+        """Hidden-state / attention objectives (no vocabulary axis: computed on whole tensors)."""
+        return [o for o in self.objectives if o.uses_hidden or o.uses_attention]
+
+
+def setup_objectives(cfg: GKDConfig, student: torch.nn.Module, teacher: torch.nn.Module | None) -> ObjectiveSetup:
+    """Parse the weighted objectives; for hidden-state / attention objectives resolve the layer map,
+    switch both models to eager attention if attention maps are needed, and attach the learned
+    hidden-state projection to the student (so DDP / DeepSpeed / checkpoints treat it as the
+    student's own parameters; the exported model drops it)."""
+    explicit = parse_objectives(cfg.objectives)
+    setup = ObjectiveSetup(explicit or parse_objectives([cfg.divergence]))
+    uses_hidden = any(o.uses_hidden for o in explicit)
+    uses_attention = any(o.uses_attention for o in explicit)
+    if not (uses_hidden or uses_attention):
+        return setup
+    assert teacher is not None
+    s_cfg, t_cfg = student.config, teacher.config
+    setup.layer_map = resolve_layer_map(cfg.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+    if uses_hidden:
+        setup.hidden_layers = (tuple(setup.layer_map), tuple(setup.layer_map.values()))
+        projection = HiddenProjection(setup.layer_map, s_cfg.hidden_size, t_cfg.hidden_size, seed=cfg.seed)
+        student.add_module(PROJECTION_ATTR, projection.to(next(student.parameters()).device))
+    if uses_attention:
+        heads = (s_cfg.num_attention_heads, t_cfg.num_attention_heads)
+        if heads[0] != heads[1]:
+            raise InputError(
+                f"attention_kl needs the same number of attention heads, but the student has {heads[0]} and the "
+                f"teacher {heads[1]}; drop attention_kl from objectives"
+            )
+        pairs = {s: t for s, t in setup.layer_map.items() if s > 0 and t > 0}
+        if not pairs:
+            raise ConfigError(f"attention_kl needs layer_map pairs of blocks (>= 1), got {setup.layer_map}")
+        setup.attention_layers = (tuple(pairs), tuple(pairs.values()))
+        for model in (student, teacher):
+            model.set_attn_implementation("eager")  # sdpa / flash kernels return no attention maps
+    return setup
 
 
 def temperature_at(step: int, max_steps: int, start: float, end: float | None, schedule: str) -> float:

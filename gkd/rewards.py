@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
-from gkd.config import InputError
+from gkd.errors import InputError
+from gkd.rollout import Rollout
 
-__all__ = ["RESERVED_KEYS", "RewardError", "RewardFn", "RewardFunctions", "load_reward_function"]
+__all__ = ["RESERVED_KEYS", "RewardError", "RewardFn", "RewardFunctions", "load_reward_function", "score_rollouts"]
 
 #: A reward function: ``fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None]``.
 RewardFn = Callable[..., list[float | None]]
@@ -332,3 +333,19 @@ def _validate(name: str, out: Any, n: int) -> list[float | None]:
             )
         values.append(f)
     return values
+
+
+def score_rollouts(rewards: RewardFunctions, tokenizer, rollouts: list[Rollout]) -> dict[str, float]:
+    """Score decoded completions with the user's reward functions (GKD eq. 5's ``r(y)``): fills each
+    rollout's ``rewards`` / ``reward_mask`` and returns the mean of every logged part and ``reward``."""
+    metrics: dict[str, list[float]] = {}
+    for r in rollouts:
+        ids = [r.completion_ids[i][r.completion_mask[i]].tolist() for i in range(r.completion_ids.shape[0])]
+        prompts = [row["prompt"] for row in r.rows]  # type: ignore[union-attr]
+        completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        values, mask, parts = rewards(prompts, completions, ids, r.rows)  # type: ignore[arg-type]
+        r.rewards, r.reward_mask = values.to(r.completion_ids.device), mask.to(r.completion_ids.device)
+        for k, v in parts.items():
+            metrics.setdefault(k, []).append(v)
+        metrics.setdefault("reward", []).extend(values[mask].tolist())
+    return {k: sum(v) / len(v) for k, v in metrics.items() if v}

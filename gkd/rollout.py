@@ -2,7 +2,7 @@
 
 The sampler is our own short loop rather than ``model.generate`` because it must (a) return the
 log-probability of every sampled token under the sampling distribution, (b) build the completion
-mask at sampling time (DESIGN §1.4: never from ``ids != pad``, pad may equal EOS), (c) keep ranks
+mask at sampling time (docs/design.md, Masks: never from ``ids != pad``, pad may equal EOS), (c) keep ranks
 in lockstep under ZeRO-3, and (d) later advance a teacher beside the student (MiniLLM). The logits
 processors themselves are transformers' (temperature, top-k, top-p).
 """

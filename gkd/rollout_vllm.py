@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from gkd.config import InputError
 from gkd.distributed import gathered
+from gkd.errors import InputError
 from gkd.rollout import Rollout, SamplingParams
 
 __all__ = ["VLLMSampler", "import_vllm", "rollout_from_outputs", "student_weights"]
@@ -55,7 +55,7 @@ def rollout_from_outputs(
     """vLLM ``RequestOutput`` s (one completion each) → a :class:`Rollout` on ``prompt_ids.device``.
 
     Completions are right-padded with ``pad_token_id``; the mask is built from each completion's
-    own length, never from ``ids != pad`` (DESIGN §1.4). A completion that vLLM reports as stopped
+    own length, never from ``ids != pad`` (docs/design.md, Masks). A completion that vLLM reports as stopped
     (``finish_reason == "stop"``) without its EOS token gets the EOS appended (masked in, log-prob 0),
     so a finished sequence always ends in EOS as the HF sampler's do.
     """

@@ -4,7 +4,7 @@ Position ``t`` of the returned ``(B, L, V)`` logits is the next-token distributi
 completion token ``t``, i.e. the model's output at input position ``P − 1 + t``. Only those
 ``L`` positions are computed (``logits_to_keep``), and the vocabulary axis is sliced to the
 tokenizer's length so that a teacher with a padded embedding (e.g. 152064 rows for a 151936-token
-tokenizer) lines up with the student (DESIGN §1.4).
+tokenizer) lines up with the student (docs/design.md, Numerics).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from gkd.chunked import teacher_topk
-from gkd.config import InputError
+from gkd.errors import InputError
 from gkd.losses import TeacherTopK
 from gkd.rollout import Rollout, position_ids_from_mask
 

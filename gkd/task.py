@@ -7,7 +7,7 @@ least-significant digit first so that column ``i`` of each operand sits at a fix
     274 + 59 = 333  →  prompt "472+95="  completion "3" "1" "3" "1" "3" "0" <eos>  ("313130")
 
 Each pair depends on the carry the model itself wrote one token earlier, so a student's early
-mistake compounds (DESIGN §3.1 lesson 3); the number of pairs depends on the operand lengths, so
+mistake compounds (docs/results.md: a student's early mistakes must matter); the number of pairs depends on the operand lengths, so
 stopping at EOS matters. :func:`check_answer` is the exact-match checker that doubles as the
 built-in reward function (``gkd.task:exact_match_reward``).
 """
@@ -95,7 +95,7 @@ def max_problems(max_digits: int) -> int:
 def make_problems(n: int, max_digits: int = 4, seed: int = 0, exclude: set[tuple[int, int]] | None = None) -> list[Problem]:
     """``n`` distinct problems; each operand has 1..``max_digits`` digits (length uniform), zero-padded."""
     if n > max_problems(max_digits):
-        from gkd.config import InputError  # a ValueError; the command line prints it as one line
+        from gkd.errors import InputError  # a ValueError; the command line prints it as one line
 
         raise InputError(f"cannot draw {n} distinct addition problems with max_digits={max_digits} (at most "
                          f"{max_problems(max_digits)}); lower num_train_examples or raise max_digits")
@@ -117,7 +117,7 @@ def split_problems(n_train: int, n_eval: int, max_digits: int = 4, seed: int = 0
     """Disjoint train / held-out problem sets."""
     limit = max_problems(max_digits)
     if n_train + n_eval > limit:
-        from gkd.config import InputError
+        from gkd.errors import InputError
 
         raise InputError(f"builtin:addition needs {n_train} training + {n_eval} held-out = {n_train + n_eval} distinct "
                          f"problems, but max_digits={max_digits} allows at most {limit}; lower num_train_examples or "
@@ -149,7 +149,7 @@ def build_tokenizer():
     )
 
 
-#: Model shapes of the embedded default (DESIGN §3): a Llama-shaped teacher, a smaller Qwen2-shaped student.
+#: Model shapes of the embedded default: a Llama-shaped teacher, a smaller Qwen2-shaped student.
 TEACHER_SHAPE = dict(model_type="llama", hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
 STUDENT_SHAPE = dict(model_type="qwen2", hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 
@@ -233,7 +233,7 @@ def resolve_model_path(name: str) -> str:
     if not name.startswith("builtin:"):
         return name
     if name not in BUILTIN_MODELS:
-        from gkd.config import InputError
+        from gkd.errors import InputError
 
         raise InputError(f"unknown built-in model {name!r}; valid: {', '.join(BUILTIN_MODELS)}")
     import hashlib

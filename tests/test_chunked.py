@@ -180,11 +180,11 @@ def test_trainer_loss_paths_agree(tmp_path):
 
 
 def test_minillm_paths_agree_and_topk_scores_each_buffer_once(tmp_path, monkeypatch):
-    import gkd.trainer
+    import gkd.algorithms.common
 
     calls = []
-    real_score = gkd.trainer.score
-    monkeypatch.setattr(gkd.trainer, "score", lambda *a, **k: calls.append(k.get("topk", 0)) or real_score(*a, **k))
+    real_score = gkd.algorithms.common.score
+    monkeypatch.setattr(gkd.algorithms.common, "score", lambda *a, **k: calls.append(k.get("topk", 0)) or real_score(*a, **k))
     common = ["single_step_weighted=true", "objectives=[0.5*reverse_kl]", "ppo_epochs=2", "max_steps=4"]
     ref = _run(tmp_path, "minillm_ref", *common, "loss_chunk_size=0")
     topk = _run(tmp_path, "minillm_topk", *common, "teacher_topk=15", "loss_chunk_size=4")

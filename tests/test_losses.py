@@ -1,4 +1,4 @@
-"""Every divergence against a float64 brute-force loop over positions and vocabulary (DESIGN §1.1)."""
+"""Every divergence against a float64 brute-force loop over positions and vocabulary."""
 
 from __future__ import annotations
 

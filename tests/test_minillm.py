@@ -1,4 +1,4 @@
-"""MiniLLM: teacher-mixed sampling and every loss term against float64 brute force (DESIGN §1.3)."""
+"""MiniLLM: teacher-mixed sampling and every loss term against float64 brute force."""
 
 from __future__ import annotations
 

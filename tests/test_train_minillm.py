@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_model
 
+from gkd.algorithms.gkd import group_baseline_advantages
+from gkd.algorithms.minillm import minillm_advantages
 from gkd.cli import main
 from gkd.config import ConfigError, GKDConfig
 from gkd.evaluate import evaluate
@@ -60,17 +61,16 @@ def test_minillm_recipe_runs_from_the_cli(tmp_path):
 
 
 def test_user_reward_enters_the_return_at_the_final_token():
-    cfg = GKDConfig(algorithm="minillm", student="s", teacher="t", alpha=0.5, whiten_advantages=False,
-                    reward_funcs=["gkd.task:exact_match_reward"])
     zeros = torch.zeros(2, 4)
     r = Rollout(prompt_ids=torch.ones(2, 1, dtype=torch.long), prompt_mask=torch.ones(2, 1, dtype=torch.bool),
                 completion_ids=torch.ones(2, 4, dtype=torch.long),
                 completion_mask=torch.tensor([[True, True, True, False], [True, True, True, True]]),
                 sampled_logprobs=zeros, teacher_logprobs=zeros, mixed_logprobs=zeros,
                 rewards=torch.tensor([1.0, 2.0]), reward_mask=torch.tensor([True, False]))
-    GKDTrainer.minillm_advantages(SimpleNamespace(config=cfg), [r])
+    (advantages,), _ = minillm_advantages([r], alpha=0.5, reward_scale=1.0, gamma=1.0, include_current=False,
+                                          length_normalized=True, whiten_advantages=False)
     # row 0: final reward 0.5·1 at t=2; paper-form returns average the later tokens: 0.5/2, 0.5/1, 0
-    assert r.advantages.tolist() == [[0.25, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]  # row 1: reward masked out
+    assert advantages.tolist() == [[0.25, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]  # row 1: reward masked out
 
 
 def test_gkd_with_group_baseline_reward_term(tmp_path):
@@ -84,11 +84,9 @@ def test_gkd_with_group_baseline_reward_term(tmp_path):
 
 
 def test_group_baseline_is_the_mean_of_each_prompts_samples():
-    cfg = SimpleNamespace(reward_baseline="group", num_generations=2)
-    r = SimpleNamespace(rewards=torch.tensor([1.0, 3.0, 5.0, 5.0, 2.0, 9.0]),
-                        reward_mask=torch.tensor([True, True, True, True, True, False]))
-    GKDTrainer.gkd_advantages(SimpleNamespace(config=cfg), [r])
-    assert r.advantages.tolist() == [-1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    rewards = torch.tensor([1.0, 3.0, 5.0, 5.0, 2.0, 9.0])
+    mask = torch.tensor([True, True, True, True, True, False])
+    assert group_baseline_advantages(rewards, mask, 2).tolist() == [-1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_failing_reward_function_stops_with_its_name(tmp_path, capsys):

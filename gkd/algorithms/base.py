@@ -1,0 +1,131 @@
+"""The interface every algorithm implements, and the parts of a run it works with.
+
+An algorithm decides where a step's completions come from and what loss they get; everything else
+(sampling backends, the optimizer step, logging, checkpoints) is a shared part it is handed. The
+trainer's loop only calls :meth:`Algorithm.steps` and logs what each optimizer step returns.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from gkd.data import BatchStream, reference_rollout
+from gkd.losses import kd_per_token
+from gkd.objectives import ObjectiveSetup, temperature_at
+from gkd.reporting import Reporter, Timers
+from gkd.rewards import RewardFunctions
+from gkd.rollout import Rollout
+from gkd.sampling import RolloutSampler
+from gkd.scorer import completion_logits
+from gkd.update import LossOutput, Updater
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from gkd.config import GKDConfig
+
+__all__ = ["Algorithm", "RunParts"]
+
+
+@dataclass
+class RunParts:
+    """What an algorithm works with; built once by :class:`gkd.trainer.GKDTrainer`."""
+
+    config: GKDConfig
+    accelerator: Accelerator
+    tokenizer: Any
+    student: Any  # prepared by accelerate (DDP / DeepSpeed engine); ``unwrapped`` for sampling
+    unwrapped: torch.nn.Module
+    teacher: torch.nn.Module | None  # frozen, eval mode; ZeRO-3-sharded under stage 3
+    objectives: ObjectiveSetup
+    sampler: RolloutSampler
+    updater: Updater
+    rewards: RewardFunctions
+    batches: BatchStream
+    lm_batches: BatchStream | None  # lm_dataset (lm_coef > 0)
+    timers: Timers
+    reporter: Reporter
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+
+class Algorithm(ABC):
+    """One training algorithm. Subclasses set :attr:`name` (the config's ``algorithm`` value) and
+    :attr:`title`, and implement :meth:`steps` and :meth:`loss`; state that must survive a resume
+    goes through :meth:`generators` and :meth:`state_dict` / :meth:`load_state_dict`."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]  # name and paper, for the model card
+
+    def __init__(self, parts: RunParts) -> None:
+        self.parts, self.config = parts, parts.config
+
+    @classmethod  # noqa: B027 - an optional hook
+    def check(cls, config: GKDConfig, num_processes: int) -> None:
+        """Raise :class:`gkd.errors.ConfigError` for settings this algorithm cannot run with."""
+
+    @abstractmethod
+    def steps(self) -> Iterator[dict[str, float]]:
+        """Optimizer steps: one metrics dict each (``Updater.optimize``'s plus the algorithm's own).
+        The trainer draws from it until ``max_steps``; a finished iterator is started again."""
+
+    @abstractmethod
+    def loss(self, rollout: Rollout) -> LossOutput:
+        """The per-token loss of one micro-batch (``terms["loss"]``) and what to log beside it."""
+
+    def settings(self) -> str:
+        """The algorithm's main knobs, one line, for the model card."""
+        return ""
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The algorithm's own random streams by name (checkpointed per rank)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-rank state in progress that a checkpoint must hold, by file name (empty: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore what :meth:`state_dict` returned (only the files a checkpoint holds)."""
+
+    state_files: ClassVar[tuple[str, ...]] = ()  # the names :meth:`state_dict` can return
+
+    # --- shared by the algorithms -------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self.parts.updater.step
+
+    @property
+    def loss_temperature(self) -> float:
+        """τ of the current step under ``loss_temperature_schedule``."""
+        cfg = self.config
+        return temperature_at(self.step, cfg.max_steps, cfg.loss_temperature, cfg.loss_temperature_end,
+                              cfg.loss_temperature_schedule)
+
+    def optimize(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """One optimizer step on ``rollouts`` with :meth:`loss` (plus ``lm_coef`` × the LM loss on as
+        many ``lm_dataset`` batches)."""
+        lm = self.parts.lm_batches
+        lm_rollouts = [reference_rollout(next(lm)) for _ in rollouts] if lm is not None else None
+        # τ of this step, read before the step count advances
+        return self.parts.updater.optimize(rollouts, self.loss, lm_rollouts, self.lm_loss,
+                                           logged={"loss_temperature": self.loss_temperature})
+
+    def lm_loss(self, rollout: Rollout) -> torch.Tensor:
+        """Per-token cross-entropy on an LM-dataset batch (MiniLLM's language-modelling loss L_PT)."""
+        logits = completion_logits(self.parts.student, rollout, self.parts.vocab_size)
+        return kd_per_token(logits, None, rollout.completion_ids, kd_weight=0.0)
+
+    def maybe_log_samples(self, rollout: Rollout) -> None:
+        cfg, parts = self.config, self.parts
+        if cfg.log_samples_steps and self.step % cfg.log_samples_steps == 0:
+            parts.reporter.log_samples(self.step, rollout, parts.tokenizer, parts.teacher)

@@ -1,0 +1,156 @@
+"""GKD: generalized knowledge distillation (Agarwal et al. 2024, Algorithm 1), with the reward term of
+eq. 5.
+
+One optimizer step::
+
+    on_policy = coin(λ)                 # once per step, on rank 0, broadcast (ranks never disagree)
+    rollouts  = student samples | teacher samples (seq_kd) | dataset references
+    rewards   = user reward functions → advantages (on-policy steps with α < 1)
+    optimize(rollouts)                  # per token: α·Σ_i w_i·D_i(p_t‖q_t) + (1−α)·(−A·log q_θ(y_t))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from gkd import distributed
+from gkd.algorithms.base import Algorithm, RunParts
+from gkd.algorithms.common import logit_terms_fn, loss_output, run_per_token, structure_terms, views
+from gkd.data import reference_rollout
+from gkd.losses import policy_gradient_loss, token_logprobs
+from gkd.rewards import score_rollouts
+from gkd.rollout import Rollout
+from gkd.sampling import repeat_batch
+from gkd.update import LossOutput
+
+__all__ = ["GKD", "batch_baseline_advantages", "group_baseline_advantages"]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def group_baseline_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``A_i = r_i − mean of the rewarded samples of i's prompt`` (``group_size`` consecutive samples
+    per prompt, ``num_generations``); 0 where ``mask`` is False (a reward function returned None)."""
+    rew = rewards.view(-1, group_size)
+    m = mask.view(-1, group_size).float()
+    base = (rew * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((rew - base) * m).view(-1)
+
+
+def batch_baseline_advantages(rewards: list[torch.Tensor], masks: list[torch.Tensor],
+                              all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity) -> list[torch.Tensor]:
+    """``A_i = r_i − mean of every rewarded sample of the step`` (all micro-batches; all ranks when
+    ``all_reduce_sum`` sums over them); 0 where the mask is False."""
+    total = all_reduce_sum(torch.stack([
+        sum((r * m).sum() for r, m in zip(rewards, masks, strict=True)),  # type: ignore[misc]
+        sum(m.sum() for m in masks),  # type: ignore[misc]
+    ]).float().cpu())
+    base = float(total[0] / total[1].clamp(min=1.0))
+    return [(r - base) * m for r, m in zip(rewards, masks, strict=True)]
+
+
+class GKD(Algorithm):
+    """On-policy share ``lmbda``, divergence ``divergence`` / ``beta`` (or weighted ``objectives``),
+    SeqKD (``seq_kd``), and the α-weighted reward term (``reward_funcs``, ``alpha``)."""
+
+    name = "gkd"
+    title = "GKD (Agarwal et al. 2024)"
+
+    def __init__(self, parts: RunParts) -> None:
+        super().__init__(parts)
+        self.coin = distributed.OnPolicyScheduler(self.config.lmbda, self.config.seed)
+
+    def settings(self) -> str:
+        cfg = self.config
+        return f"lmbda={cfg.lmbda}, divergence={cfg.divergence}, beta={cfg.beta}"
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"coin": self.coin.generator}
+
+    def steps(self) -> Iterator[dict[str, float]]:
+        while True:
+            yield self.train_step()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: rollout → (rewards) → score → loss → backward → step."""
+        cfg, parts = self.config, self.parts
+        on_policy = self.coin.draw()
+        batches = [next(parts.batches) for _ in range(cfg.gradient_accumulation_steps)]
+        with parts.timers("rollout"):
+            rollouts = [self.rollout(b, on_policy) for b in batches]
+        reward_metrics = {}
+        if parts.rewards and on_policy:
+            with parts.timers("reward"):
+                reward_metrics = score_rollouts(parts.rewards, parts.tokenizer, rollouts)
+                self.set_advantages(rollouts)
+        metrics = self.optimize(rollouts)
+        metrics.update(reward_metrics, on_policy=int(on_policy))
+        self.maybe_log_samples(rollouts[0])
+        if distributed.is_distributed():  # how many ranks took this step on-policy: 0 or all, never a mix
+            metrics["on_policy_ranks"] = int(distributed.all_reduce_sum(torch.tensor(float(on_policy))).item())
+        return metrics
+
+    def rollout(self, batch: dict[str, Any], on_policy: bool) -> Rollout:
+        """Student samples (on-policy), teacher samples (``seq_kd``) or the dataset's references."""
+        cfg, sampler = self.config, self.parts.sampler
+        if not on_policy and not cfg.seq_kd:
+            rollout = reference_rollout(batch)
+        elif on_policy:
+            if cfg.num_generations > 1:
+                batch = repeat_batch(batch, cfg.num_generations)
+            rollout = sampler.sample(batch, self.parts.unwrapped)
+        else:
+            rollout = sampler.sample(batch, self.parts.teacher)  # type: ignore[arg-type]
+            rollout.on_policy = False
+        rollout.rows = batch["rows"]
+        return rollout
+
+    def set_advantages(self, rollouts: list[Rollout]) -> None:
+        """``rollout.advantages`` from its rewards: per-prompt group or whole-step baseline."""
+        cfg = self.config
+        if cfg.reward_baseline == "group":
+            for r in rollouts:
+                r.advantages = group_baseline_advantages(r.rewards, r.reward_mask, cfg.num_generations)  # type: ignore[arg-type]
+            return
+        advantages = batch_baseline_advantages([r.rewards for r in rollouts], [r.reward_mask for r in rollouts],  # type: ignore[misc]
+                                               distributed.all_reduce_sum)
+        for r, a in zip(rollouts, advantages, strict=True):
+            r.advantages = a
+
+    def loss(self, rollout: Rollout) -> LossOutput:
+        """Per token ``α·Σ_i w_i·D_i + (1−α)·(−A·log q_θ(y_t))`` (Algorithm 1, eq. 5)."""
+        cfg, parts = self.config, self.parts
+        tau = self.loss_temperature
+        student, scored = views(parts, rollout, tau)
+        with parts.timers("update"):
+            b, length = rollout.completion_ids.shape
+            ids = rollout.completion_ids.reshape(-1)
+            with_reward = cfg.alpha < 1.0 and rollout.on_policy and rollout.advantages is not None
+            adv = rollout.advantages[:, None].expand(b, length).reshape(-1) if with_reward else None  # type: ignore[index]
+            logit_terms = logit_terms_fn(parts, rollout, scored.teacher_logits, tau)
+            structure, structure_parts = structure_terms(parts, rollout, student, scored, tau)
+            alpha = cfg.alpha if with_reward else 1.0
+
+            def fn(z: torch.Tensor, rows: Any) -> dict[str, torch.Tensor]:
+                div, terms = logit_terms(z, rows)
+                out = {"divergence": div}
+                if cfg.objectives:  # each part of the weighted sum logged on its own
+                    out.update({f"loss_{label}": value for label, value in terms.items()})
+                if adv is None:
+                    out["loss"] = div
+                    return out
+                logq = token_logprobs(z, ids[rows], cfg.temperature)
+                pg = policy_gradient_loss(logq[:, None], adv[rows][:, None]).squeeze(-1)
+                out.update(loss=alpha * div + (1.0 - alpha) * pg, reward_pg=pg)
+                return out
+
+            out = run_per_token(parts, rollout, student, fn, alpha * structure if structure is not None else None)
+            if structure is not None:
+                out["divergence"] = out["divergence"] + structure.detach()
+                out.update({f"loss_{label}": value.detach() for label, value in structure_parts.items()})
+            return loss_output(out, student, scored)

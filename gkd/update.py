@@ -1,0 +1,162 @@
+"""One optimizer step over a step's rollouts, shared by every algorithm.
+
+The reduction is the global token mean (docs/design.md, "Normalisation"): every per-token term is
+summed per micro-batch and divided by ``N``, the number of completion tokens of the whole step (all
+micro-batches, all ranks). accelerate divides the loss by the accumulation steps and DDP / DeepSpeed
+average gradients over ranks, so backward runs on ``loss_sum / N × gas × world``: the gradient is
+exactly ``d(global sum / N)/dθ``, whatever the micro-batches' lengths.
+
+A non-finite objective on any rank makes every rank skip that micro-batch's backward (DeepSpeed,
+which counts micro-steps in backward, gets a zero gradient instead) and the optimizer step;
+``max_consecutive_skips`` skipped steps in a row stop the run with :class:`gkd.errors.NonFiniteError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gkd import distributed
+from gkd.checkpoint import complete_checkpoints
+from gkd.errors import NonFiniteError
+from gkd.losses import masked_sum_and_count
+from gkd.reporting import Timers
+from gkd.rollout import Rollout
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from gkd.config import GKDConfig
+
+__all__ = ["LossOutput", "Updater", "diagnose_non_finite", "global_token_count"]
+
+logger = logging.getLogger("gkd")
+
+
+@dataclass
+class LossOutput:
+    """An algorithm's loss on one micro-batch.
+
+    ``terms``: per-token ``(B, L)`` values by name; ``"loss"`` is the objective, the rest are logged.
+    ``chunked_sum``: the objective's masked, reduction-weighted sum when the chunked path formed its
+    gradient in forward (:func:`gkd.chunked.chunked_loss`), else ``None``. ``student_view`` /
+    ``teacher_view``: the inputs of the loss (logits or the LM head's input; teacher logits or top-k
+    log-probs), for the non-finite diagnosis and DeepSpeed's zero gradient."""
+
+    terms: dict[str, torch.Tensor]
+    chunked_sum: torch.Tensor | None
+    student_view: torch.Tensor
+    teacher_view: torch.Tensor | None
+
+
+def global_token_count(rollouts: list[Rollout], reduction: str) -> torch.Tensor:
+    """``N``: the step's completion tokens (or sequences, ``sequence_mean``) over all micro-batches and ranks."""
+    counts = [masked_sum_and_count(torch.zeros(r.completion_mask.shape), r.completion_mask.cpu(), reduction)[1]
+              for r in rollouts]
+    return distributed.all_reduce_sum(torch.stack(counts).sum()).clamp(min=1.0)
+
+
+def diagnose_non_finite(student_view: torch.Tensor, teacher_view: torch.Tensor | None) -> str:
+    """Which input made the loss non-finite (checked only after it happened)."""
+    if teacher_view is not None and not bool(torch.isfinite(teacher_view).all()):
+        return "teacher logits"
+    if not bool(torch.isfinite(student_view).all()):
+        return "student logits"
+    return "loss"
+
+
+class Updater:
+    """Backward, clipping, the optimizer and scheduler step, and the count of steps taken and skipped."""
+
+    def __init__(self, cfg: GKDConfig, acc: Accelerator, model: Any, optimizer: Any, scheduler: Any,
+                 timers: Timers, output_dir: Path) -> None:
+        self.cfg, self.acc, self.model, self.optimizer, self.scheduler = cfg, acc, model, optimizer, scheduler
+        self.timers, self.output_dir = timers, output_dir
+        self.step = 0  # optimizer steps taken (skipped ones included)
+        self.consecutive_skips = self.skipped_steps = 0
+
+    def optimize(self, rollouts: list[Rollout], loss_fn: Callable[[Rollout], LossOutput],
+                 lm_rollouts: list[Rollout] | None = None,
+                 lm_loss: Callable[[Rollout], torch.Tensor] | None = None,
+                 logged: dict[str, float] | None = None) -> dict[str, float]:
+        """One optimizer step over ``rollouts`` (one per accumulation micro-batch); ``lm_rollouts`` (one
+        per micro-batch) add ``lm_coef × lm_loss`` normalised by their own global token count.
+        ``logged``: values of this step to log with its metrics (e.g. ``loss_temperature``)."""
+        cfg, acc = self.cfg, self.acc
+        norm = global_token_count(rollouts, cfg.reduction)
+        if lm_rollouts is not None:
+            lm_norm = global_token_count(lm_rollouts, cfg.reduction)
+        scale = cfg.gradient_accumulation_steps * acc.num_processes
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
+        grad_norm, cause = None, None
+        deepspeed = distributed.zero_stage(acc) > 0
+        for i, rollout in enumerate(rollouts):
+            with acc.accumulate(self.model):
+                out = loss_fn(rollout)
+                with self.timers("update"):
+                    objective = torch.zeros((), device=acc.device)
+                    for name, per_token in out.terms.items():
+                        total, _ = masked_sum_and_count(per_token, rollout.completion_mask, cfg.reduction)
+                        sums[name] += total.detach()
+                        if name == "loss":
+                            total = out.chunked_sum if out.chunked_sum is not None else total
+                            objective = total / norm.to(total.device)
+                    if lm_rollouts is not None:
+                        assert lm_loss is not None
+                        lm_total, _ = masked_sum_and_count(lm_loss(lm_rollouts[i]), lm_rollouts[i].completion_mask,
+                                                           cfg.reduction)
+                        sums["lm"] += lm_total.detach() * norm.to(lm_total.device) / lm_norm.to(lm_total.device)
+                        objective = objective + cfg.lm_coef * lm_total / lm_norm.to(lm_total.device)
+                    # non-finite values: every rank skips this micro-batch's backward together
+                    if distributed.any_rank(not bool(torch.isfinite(objective))):
+                        cause = cause or diagnose_non_finite(out.student_view, out.teacher_view)
+                        if deepspeed:  # DeepSpeed counts micro-steps in backward: send a zero gradient
+                            acc.backward(torch.nan_to_num(out.student_view.float()).sum() * 0.0)
+                    else:
+                        acc.backward(objective * scale)
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                        if grad_norm is not None and not math.isfinite(float(grad_norm)) and cause is None:
+                            cause = "gradients"
+                    if acc.sync_gradients and cause is None:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        if cause is None:
+            self.scheduler.step()
+        self.step += 1
+        names = sorted(sums)
+        glob = distributed.all_reduce_sum(torch.stack([sums[n] for n in names]).float().cpu()) / norm.cpu()
+        metrics = {n: float(v) for n, v in zip(names, glob, strict=True)}
+        if lm_rollouts is not None:
+            metrics["loss"] += cfg.lm_coef * metrics["lm"]
+        tokens = distributed.all_reduce_sum(torch.tensor(float(sum(r.num_tokens for r in rollouts))))
+        seqs = distributed.all_reduce_sum(torch.tensor(float(sum(r.completion_ids.shape[0] for r in rollouts))))
+        metrics.update(step=self.step, lr=float(lr), completion_len_mean=float(tokens / seqs.clamp(min=1)),
+                       tokens=float(tokens), **(logged or {}))
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        self._count_skips(cause, metrics)
+        return metrics
+
+    def _count_skips(self, cause: str | None, metrics: dict[str, float]) -> None:
+        """Skipped steps are counted; ``max_consecutive_skips`` in a row stop the run."""
+        cfg = self.cfg
+        if cause is None:
+            self.consecutive_skips = 0
+        else:
+            self.consecutive_skips += 1
+            self.skipped_steps += 1
+            logger.warning("step %d skipped: non-finite %s (%d in a row)", self.step, cause, self.consecutive_skips)
+        metrics["skipped"] = int(cause is not None)
+        metrics["skipped_total"] = self.skipped_steps
+        if cause is not None and 0 < cfg.max_consecutive_skips <= self.consecutive_skips:
+            saved = complete_checkpoints(self.output_dir)
+            raise NonFiniteError(self.step, cause, self.consecutive_skips, saved[-1] if saved else None)
