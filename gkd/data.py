@@ -44,6 +44,7 @@ __all__ = [
     "make_loader",
     "normalize_rows",
     "reference_rollout",
+    "require_references",
     "split_rows",
 ]
 
@@ -83,14 +84,66 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _chat_row(row: dict[str, Any], tokenizer, where: str) -> dict[str, Any]:
-    messages = row["messages"]
+def _present(row: dict[str, Any], key: str) -> bool:
+    """A column with a value (``datasets`` fills a column a row lacks with None in mixed files)."""
+    return row.get(key) is not None
+
+
+def _messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
+    """A chat turn list ``[{role, content}, ...]``, checked."""
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        raise InputError(f"{where}: {column!r} must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
+                         "messages with text content")
+    return value
+
+
+def _chat_prompt(messages: list[dict[str, str]], tokenizer, where: str) -> str:
+    """The prompt text of a conversation: the chat template with the generation prompt appended,
+    applied once here (the text is then tokenised without adding special tokens again)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise InputError(f"{where}: 'messages' rows need a tokenizer with a chat template; this tokenizer has none")
-    if not messages or messages[-1].get("role") != "assistant":
-        raise InputError(f"{where}: the last message must be the assistant's reference answer")
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    return {**row, "prompt": prompt, "completion": messages[-1]["content"], "_chat": True}
+        raise InputError(f"{where}: chat rows (a list of messages) need a tokenizer with a chat template; "
+                         "this tokenizer has none")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _text(value: Any, where: str, column: str) -> str | None:
+    """A text cell: strings pass, numbers (a CSV column that looks numeric) become text, None stays None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise InputError(f"{where}: {column!r} must be text, got {type(value).__name__} ({str(value)[:40]!r})")
+
+
+def _chat_row(row: dict[str, Any], tokenizer, where: str) -> dict[str, Any]:
+    """``{messages}``: ending with an assistant turn → prompt + reference; ending with a user turn → prompt only."""
+    messages = _messages(row["messages"], where, "messages")
+    if messages[-1]["role"] == "assistant":
+        if len(messages) == 1:
+            raise InputError(f"{where}: 'messages' holds only an assistant turn; a prompt needs a user turn")
+        return {**row, "prompt": _chat_prompt(messages[:-1], tokenizer, where),
+                "completion": messages[-1]["content"], "_chat": True}
+    return {**row, "prompt": _chat_prompt(messages, tokenizer, where), "completion": None, "_chat": True}
+
+
+def _prompt_row(row: dict[str, Any], tokenizer, where: str) -> dict[str, Any]:
+    """TRL's four formats: ``prompt`` text or messages, ``completion`` text, messages or absent."""
+    prompt, completion = row["prompt"], row.get("completion")
+    chat = isinstance(prompt, list)
+    if chat:
+        prompt = _chat_prompt(_messages(prompt, where, "prompt"), tokenizer, where)
+    elif not isinstance(prompt, str):
+        raise InputError(f"{where}: 'prompt' must be text or a list of chat messages, got {type(prompt).__name__}")
+    if isinstance(completion, list):
+        turns = _messages(completion, where, "completion")
+        completion = "".join(m["content"] for m in turns if m["role"] == "assistant")
+    return {**row, "prompt": prompt, "completion": _text(completion, where, "completion"), "_chat": chat}
+
+
+def _text_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """``{text}`` (language-modelling data, e.g. lm_dataset): the whole text is the completion."""
+    return {**row, "prompt": "", "completion": _text(row["text"], where, "text"), "_chat": False}
 
 
 ALPACA_PROMPT = (
@@ -105,17 +158,31 @@ ALPACA_PROMPT_WITH_INPUT = (
 
 
 def _dolly_row(row: dict[str, Any], where: str) -> dict[str, Any]:
-    """Dolly / MiniLLM format ``{instruction, context, response}`` with the Alpaca template."""
-    if "instruction" not in row:
+    """Dolly / MiniLLM format ``{instruction, context, response}`` with the Alpaca template (no
+    response: prompt only)."""
+    if not _present(row, "instruction"):
         raise InputError(f"{where}: missing column 'instruction' (found: {', '.join(sorted(row))})")
-    context = (row.get("context") or row.get("input") or "").strip()
+    instruction = _text(row["instruction"], where, "instruction")
+    context = (_text(row.get("context") or row.get("input"), where, "context") or "").strip()
     template = ALPACA_PROMPT_WITH_INPUT if context else ALPACA_PROMPT
-    prompt = template.format(instruction=row["instruction"].strip(), context=context)
-    response = row.get("response", row.get("output"))
-    return {**row, "prompt": prompt, "completion": response}
+    prompt = template.format(instruction=instruction.strip(), context=context)  # type: ignore[union-attr]
+    response = row.get("response") if _present(row, "response") else row.get("output")
+    return {**row, "prompt": prompt, "completion": _text(response, where, "response")}
 
 
 _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _csv_as_text(path: Path) -> dict[str, Any]:
+    """``load_dataset`` arguments that read every CSV column as text; only an empty cell is missing."""
+    import csv
+
+    import datasets
+
+    with path.open(newline="") as fh:
+        header = next(csv.reader(fh), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False, "na_values": [""]}
 
 
 def _load_with_datasets(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
@@ -131,7 +198,9 @@ def _load_with_datasets(dataset: str, split: str) -> tuple[list[dict[str, Any]],
         if suffix == ".jsonl":
             _read_jsonl(path)  # validates every line first, so a broken one is named with its line number
         try:
-            ds = datasets.load_dataset(_FILE_TYPES[suffix], data_files=str(path), split="train")
+            # CSV cells stay text (a column of digits would otherwise become integers)
+            kwargs = _csv_as_text(path) if suffix == ".csv" else {}
+            ds = datasets.load_dataset(_FILE_TYPES[suffix], data_files=str(path), split="train", **kwargs)
         except Exception as e:  # noqa: BLE001 - datasets raises many types; report one line
             raise InputError(f"cannot read dataset file {str(path)!r}: {str(e).splitlines()[0]}") from None
         rows = [dict(r) for r in ds]
@@ -147,26 +216,58 @@ def _load_with_datasets(dataset: str, split: str) -> tuple[list[dict[str, Any]],
     return [dict(r) for r in ds], dataset
 
 
+#: Row formats of a dataset (``dataset_format``); ``auto`` detects one per row.
+FORMATS = ("auto", "prompt_completion", "messages", "dolly", "text")
+
+
+def detect_format(row: dict[str, Any]) -> str | None:
+    """The format of one row by the columns it has a value in (``None``: none recognised)."""
+    for column, fmt in (("messages", "messages"), ("instruction", "dolly"), ("prompt", "prompt_completion"),
+                        ("text", "text")):
+        if _present(row, column):
+            return fmt
+    return None
+
+
 def normalize_rows(rows: list[dict[str, Any]], tokenizer, *, dataset_format: str = "auto",
                    source: str = "dataset") -> list[dict[str, Any]]:
-    """Bring rows of any supported format to ``{prompt, completion, ...}`` (extra columns kept)."""
+    """Bring rows of any supported format to ``{prompt, completion, _chat, ...}`` (extra columns kept;
+    ``completion`` None for prompt-only rows; ``_chat``: the prompt is chat-templated text).
+
+    Formats (``auto`` detects each row's own): TRL's standard and conversational prompt-only /
+    prompt-completion rows (``prompt`` text or messages, ``completion`` text, messages or absent);
+    ``messages`` (ending with the assistant's reference, or with a user turn: prompt only); Dolly
+    ``{instruction, context, response}`` (Alpaca template); ``{text}`` (all completion, for lm_dataset)."""
+    if dataset_format not in FORMATS:
+        raise InputError(f"dataset_format={dataset_format!r} is not valid; choose one of: {', '.join(FORMATS)}")
+    column = {"messages": "messages", "dolly": "instruction", "prompt_completion": "prompt", "text": "text"}
     out = []
     for i, row in enumerate(rows, 1):
-        fmt = dataset_format
-        if fmt == "auto":
-            fmt = "messages" if "messages" in row else "dolly" if "instruction" in row else "prompt_completion"
         where = f"{source}:{i}"
+        fmt = detect_format(row) if dataset_format == "auto" else dataset_format
+        if fmt is None or not _present(row, column[fmt]):
+            want = column[fmt] if fmt else "prompt"
+            hint = "" if fmt else "; a row needs prompt, messages, instruction (Dolly) or text"
+            raise InputError(f"{where}: missing column {want!r} (found: {', '.join(sorted(row))}){hint}")
         if fmt == "dolly":
-            out.append(_dolly_row(row, where))
+            new = _dolly_row(row, where)
         elif fmt == "messages":
-            if "messages" not in row:
-                raise InputError(f"{where}: missing column 'messages'")
-            out.append(_chat_row(row, tokenizer, where))
+            new = _chat_row(row, tokenizer, where)
+        elif fmt == "text":
+            new = _text_row(row, where)
         else:
-            if "prompt" not in row:
-                raise InputError(f"{where}: missing column 'prompt' (found: {', '.join(sorted(row))})")
-            out.append(row)
+            new = _prompt_row(row, tokenizer, where)
+        new["_where"] = where  # underscore keys are not passed to reward functions
+        out.append(new)
     return out
+
+
+def require_references(rows: list[dict[str, Any]], why: str, fix: str) -> None:
+    """Raise (naming the first one) if a row has no reference completion although ``why`` needs one."""
+    for i, row in enumerate(rows, 1):
+        if row.get("completion") is None:
+            where = row.get("_where", f"row {i}")
+            raise InputError(f"{where}: no reference completion, but {why}; give every row one, or {fix}")
 
 
 def split_rows(rows: list[dict[str, Any]], validation_size: float, seed: int = 0
@@ -273,16 +374,27 @@ class PromptDataset(torch.utils.data.Dataset):
         self.num_long_prompts = len(too_long)
         self.rows = rows
 
+    def _prompt_ids(self, row: dict[str, Any]) -> list[int]:
+        """The prompt's tokens: chat-templated text as is (the template placed its special tokens);
+        plain text with the tokenizer's own special tokens, but never two BOS when the text already
+        starts with one; an empty prompt (``{text}`` rows) is the BOS (or EOS) token alone, so the
+        first completion token has a position that predicts it."""
+        tok = self.tokenizer
+        ids = tok(row["prompt"], add_special_tokens=not row.get("_chat")).input_ids
+        bos = tok.bos_token_id
+        if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+            ids = ids[1:]
+        return ids or [bos if bos is not None else tok.eos_token_id]
+
     def _prompt_length(self, row: dict[str, Any]) -> int:
-        return len(self.tokenizer(row["prompt"], add_special_tokens=not row.get("_chat")).input_ids)
+        return len(self._prompt_ids(row))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> Example:
         row = self.rows[i]
-        chat = bool(row.get("_chat"))
-        prompt_ids = self.tokenizer(row["prompt"], add_special_tokens=not chat).input_ids[-self.max_prompt_length :]
+        prompt_ids = self._prompt_ids(row)[-self.max_prompt_length :]
         ref = row.get("completion")
         reference_ids = None
         if ref is not None:

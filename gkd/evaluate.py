@@ -191,6 +191,24 @@ def evaluate(
     )
 
 
+@torch.no_grad()
+def greedy_completions(model: torch.nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int,
+                       max_prompt_length: int, batch_size: int) -> list[str]:
+    """``model``'s greedy answer to each row's prompt (the reference of prompt-only rows in ``gkd eval``)."""
+    device = next(model.parameters()).device
+    dataset = PromptDataset([dict(r) for r in rows], tokenizer, max_prompt_length=max_prompt_length,
+                            max_new_tokens=max_new_tokens)
+    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
+    out: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(rows)))], tokenizer.pad_token_id)
+        r = sample(model, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), params,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+        ids = [r.completion_ids[i][r.completion_mask[i]].tolist() for i in range(r.completion_ids.shape[0])]
+        out.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+    return out
+
+
 # --- gkd eval -------------------------------------------------------------------------------------
 
 #: Data and sampling fields ``gkd eval`` takes from a training run's ``config.yaml`` (flags override them).
@@ -199,35 +217,14 @@ CONFIG_KEYS = ("dataset", "dataset_format", "dataset_split", "validation_size", 
                "top_p", "top_k", "reward_funcs", "teacher")
 
 
-def _looks_local(name: str) -> bool:
-    """A path rather than a hub id: absolute, relative with ./ or ~, nested, or its parent folder exists."""
-    path = Path(name).expanduser()
-    return (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
-            or (len(path.parts) > 1 and path.parent.is_dir()))
-
-
 def _load_model_and_tokenizer(name: str, role: str, dtype: str = "float32"):
-    """Load a model folder (or hub id) for evaluation; a missing or broken one is a one-line error."""
-    from gkd.models import load_model, load_tokenizer
-    from gkd.task import resolve_model_path
+    """Load a model (folder, .gguf file, packaged or built-in name, hub id) for evaluation; a missing or
+    broken one is a one-line error."""
+    from gkd.models import load_model, load_tokenizer, resolve_model
 
-    path = resolve_model_path(name)
-    local = Path(path).expanduser()
-    if local.exists() or _looks_local(path):
-        if not local.is_dir():
-            raise InputError(f"{role} folder {name!r} not found; pass a model folder such as a run's output_dir/final")
-        if not (local / "config.json").is_file():
-            hint = " (the trained model is in its final/ subfolder)" if (local / "final").is_dir() else ""
-            if (local / "adapter_config.json").is_file():
-                hint = " (it holds LoRA adapters only: train with merge_lora=true and evaluate final-merged/)"
-            raise InputError(f"{role} folder {name!r} has no config.json: not a saved model{hint}")
-    try:
-        tokenizer = load_tokenizer(path)
-        model = load_model(path, dtype)
-    except InputError:
-        raise
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load {role} {name!r}: {str(e).strip().splitlines()[0]}") from None
+    path = resolve_model(name, role=role)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, dtype)
     model.eval()
     return model, tokenizer
 
@@ -301,6 +298,17 @@ def run_eval(
         if max_prompts < 1:
             raise InputError(f"max_prompts={max_prompts} must be >= 1")
         rows = rows[:max_prompts]
+    reference = "dataset"
+    if any(r.get("completion") is None for r in rows):  # prompt-only rows (on-policy data)
+        if teacher_model is None:
+            reference = "none"
+        else:  # Rouge-L / exact match against what the teacher itself answers
+            missing = [r for r in rows if r.get("completion") is None]
+            answers = greedy_completions(teacher_model, tokenizer, missing, max_new_tokens=max_new_tokens or 64,
+                                         max_prompt_length=max_prompt_length, batch_size=batch_size)
+            for row, answer in zip(missing, answers, strict=True):
+                row["completion"] = answer
+            reference = "teacher greedy" if len(missing) == len(rows) else "dataset, else teacher greedy"
     checker = None
     funcs = list(reward_funcs)
     if builtin:
@@ -318,11 +326,13 @@ def run_eval(
     for decoding in decodings:
         r = evaluate(student, tokenizer, rows, teacher=teacher_model, decoding=decoding, **common)
         results.append({"model": "student", **r.to_dict()})
-        if teacher_model is not None and teacher_metrics:
+        # against its own greedy answers the teacher's greedy row would be 100% by construction
+        if teacher_model is not None and teacher_metrics and not (decoding == "greedy" and reference == "teacher greedy"):
             r = evaluate(teacher_model, tokenizer, rows, decoding=decoding, **common)
             results.append({"model": "teacher", **r.to_dict()})
     return {
         "model": model, "teacher": teacher, "dataset": dataset, "split": split, "num_prompts": len(rows),
+        "reference": reference,
         "settings": {"max_new_tokens": common["max_new_tokens"], "max_prompt_length": max_prompt_length,
                      "samples_per_prompt": samples_per_prompt, "temperature": temperature, "top_p": top_p,
                      "top_k": top_k, "seed": seed, "validation_size": validation_size, "split_seed": split_seed,
@@ -349,8 +359,10 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{fmt(r['rewards'].get('reward'))} | {fmt(r['forward_kl'])} | {fmt(r['reverse_kl'])} | "
                      f"{r['completion_len_mean']:.1f} |")
     lines.append("")
+    reference = report.get("reference", "dataset")
     lines.append(f"{report['num_prompts']} prompts from {report['dataset']} ({report['split']}); "
-                 "KLs are token means on the model's own completions; Rouge-L ×100.")
+                 "KLs are token means on the model's own completions; Rouge-L ×100"
+                 + (f" against the {reference} answers." if reference != "none" else "; no references, so no Rouge-L."))
     for r in report["results"]:
         for s in r["samples"]:
             ref = f"  (reference {s['reference'][:80]!r})" if "reference" in s else ""

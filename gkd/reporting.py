@@ -132,7 +132,14 @@ def write_model_card(path: Path, cfg: GKDConfig, history: list[dict[str, float]]
     last = history[-1] if history else {}
     keep = ("loss", "divergence", "pg", "single_step", "reward", "completion_len_mean", "skipped_total")
     metrics = "\n".join(f"| {k} | {last[k]:.6g} |" for k in keep if k in last)
-    lora = f"LoRA adapters (r={cfg.lora_r}, alpha={cfg.lora_alpha}) on `{cfg.student}`" if cfg.lora_r else "full weights"
+    student = f"`{cfg.student}`"
+    marker = path.parent / "student-init" / "GKD_COMPLETE"
+    if cfg.student_init and marker.is_file():
+        made = json.loads(marker.read_text())
+        origin = {"teacher": cfg.teacher, "student": cfg.student}.get(str(cfg.student_source_name), cfg.student_source_name)
+        student = (f"layers {made['keep_layers']} of the {made['source_layers']}-layer `{origin}` (student_init; "
+                   "saved in `../student-init/`)")
+    lora = f"LoRA adapters (r={cfg.lora_r}, alpha={cfg.lora_alpha}) on it" if cfg.lora_r else "full weights"
     text = f"""---
 library_name: transformers
 tags: [gkd, knowledge-distillation, {cfg.algorithm}]
@@ -141,7 +148,7 @@ tags: [gkd, knowledge-distillation, {cfg.algorithm}]
 
 - **Algorithm:** {algorithm}; {settings}
 - **Teacher:** `{cfg.teacher}`
-- **Student initialisation:** `{cfg.student}` ({lora})
+- **Student initialisation:** {student} ({lora})
 - **Data:** `{cfg.dataset}`; max_new_tokens={cfg.max_new_tokens}
 - **Training:** {len(history)} logged optimizer steps of this run (max_steps={cfg.max_steps}),
   per_device_batch_size={cfg.per_device_batch_size}, gradient_accumulation_steps={cfg.gradient_accumulation_steps},

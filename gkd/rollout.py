@@ -9,6 +9,8 @@ processors themselves are transformers' (temperature, top-k, top-p).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -329,20 +331,29 @@ def _gather_alive(logp: torch.Tensor, tok: torch.Tensor, alive: torch.Tensor) ->
     return torch.where(alive, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0)
 
 
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """The keyword a model's ``forward`` takes the KV cache by: ``cache`` (transformers ≥ 5.2x) or
+    ``past_key_values`` (older releases; deprecated, removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 class _Decoder:
     """One model's incremental decoding state: its KV cache, returning next-token logits ``(B, V)``."""
 
     def __init__(self, model: torch.nn.Module, vocab_size: int | None):
         self.model, self.vocab_size, self.cache = model, vocab_size, None
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft forwards **kwargs
+        self.cache_arg = _cache_argument(type(base))
 
     def __call__(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
                  all_positions: bool = False) -> torch.Tensor:
         """Feed ``input_ids`` (B, n); next-token logits of the last position ``(B, V)``, or of every
         fed position ``(B, n, V)`` with ``all_positions``."""
         out = self.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=self.cache,
-            use_cache=True, logits_to_keep=0 if all_positions else 1,
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+            logits_to_keep=0 if all_positions else 1, **{self.cache_arg: self.cache},
         )
-        self.cache = out.past_key_values
+        self.cache = getattr(out, self.cache_arg)
         logits = out.logits[..., : self.vocab_size]
         return logits if all_positions else logits[:, -1]

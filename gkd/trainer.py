@@ -31,7 +31,7 @@ from gkd import distributed
 from gkd.algorithms import Algorithm, RunParts, get_algorithm
 from gkd.checkpoint import TrainingState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from gkd.config import GKDConfig
-from gkd.data import BatchStream, config_rows, given_rows, make_loader
+from gkd.data import BatchStream, config_rows, given_rows, make_loader, require_references
 from gkd.errors import PREEMPTED_EXIT_CODE, InputError, NonFiniteError, Preempted
 from gkd.evaluate import eval_shard, evaluate_in_training
 from gkd.models import (
@@ -89,9 +89,13 @@ class GKDTrainer:
         rewards = RewardFunctions.from_specs(cfg.reward_funcs, cfg.reward_weights or None)
 
         rows = self._rows(train_rows, cfg.dataset)
+        algorithm_cls.check_rows(cfg, rows)
         loader = make_loader(rows, self.tokenizer, cfg, cfg.seed)
-        lm_loader = make_loader(self._rows(lm_rows, cfg.lm_dataset), self.tokenizer, cfg, cfg.seed + 1) \
-            if cfg.lm_coef > 0 else None
+        lm_loader = None
+        if cfg.lm_coef > 0:
+            lm = self._rows(lm_rows, cfg.lm_dataset)
+            require_references(lm, f"lm_coef={cfg.lm_coef} trains on lm_dataset's text", "drop the row")
+            lm_loader = make_loader(lm, self.tokenizer, cfg, cfg.seed + 1)
         optimizer = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad],
             lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),

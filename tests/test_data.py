@@ -50,7 +50,7 @@ def test_messages_use_the_chat_template(tmp_path, tokenizer):
     "content, message",
     [
         ('{"prompt": "a"}\nnot json\n', r"d.jsonl:2: not valid JSON"),
-        ('{"text": "a"}\n', r"d.jsonl:1: missing column 'prompt' \(found: text\)"),
+        ('{"question": "a"}\n', r"d.jsonl:1: missing column 'prompt' \(found: question\)"),
         ("\n", "is empty"),
         ("[1, 2]\n", "must be a JSON object"),
     ],

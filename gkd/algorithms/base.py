@@ -71,6 +71,10 @@ class Algorithm(ABC):
     def check(cls, config: GKDConfig, num_processes: int) -> None:
         """Raise :class:`gkd.errors.ConfigError` for settings this algorithm cannot run with."""
 
+    @classmethod  # noqa: B027 - an optional hook
+    def check_rows(cls, config: GKDConfig, rows: list[dict[str, Any]]) -> None:
+        """Raise :class:`gkd.errors.InputError` (naming the row) for training rows this run cannot use."""
+
     @abstractmethod
     def steps(self) -> Iterator[dict[str, float]]:
         """Optimizer steps: one metrics dict each (``Updater.optimize``'s plus the algorithm's own).

@@ -19,7 +19,7 @@ import torch
 from gkd import distributed
 from gkd.algorithms.base import Algorithm, RunParts
 from gkd.algorithms.common import logit_terms_fn, loss_output, run_per_token, structure_terms, views
-from gkd.data import reference_rollout
+from gkd.data import reference_rollout, require_references
 from gkd.losses import policy_gradient_loss, token_logprobs
 from gkd.rewards import score_rollouts
 from gkd.rollout import Rollout
@@ -64,6 +64,13 @@ class GKD(Algorithm):
     def __init__(self, parts: RunParts) -> None:
         super().__init__(parts)
         self.coin = distributed.OnPolicyScheduler(self.config.lmbda, self.config.seed)
+
+    @classmethod
+    def check_rows(cls, config: Any, rows: list[dict[str, Any]]) -> None:
+        if config.lmbda < 1.0 and not config.seq_kd:
+            require_references(rows, f"lmbda={config.lmbda} < 1 makes off-policy steps, which train on the dataset's "
+                                     "reference completions",
+                               "set lmbda: 1 (every step on-policy) or seq_kd: true (the teacher writes them)")
 
     def settings(self) -> str:
         cfg = self.config
