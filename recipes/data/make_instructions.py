@@ -33,8 +33,9 @@ WORDS = ["happy", "big", "fast", "cold", "bright", "quiet", "strong", "old", "ea
 ANIMALS = ["dog", "cat", "elephant", "owl", "dolphin", "fox", "penguin", "horse", "bee", "turtle"]
 
 def _article(text: str) -> str:
-    """"a" → "an" before a vowel."""
-    return " ".join("an" if w == "a" and nxt[:1] in "aeiou" else w for w, nxt in zip(text.split(), text.split()[1:] + [""]))
+    """'a' → 'an' before a vowel."""
+    words = text.split()
+    return " ".join("an" if w == "a" and nxt[:1] in "aeiou" else w for w, nxt in zip(words, [*words[1:], ""], strict=True))
 
 
 TEMPLATES = [
