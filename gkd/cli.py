@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed calls a torch collective that torch deprecated; one warning per step buries the log
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # hub retries: our error says it in one line
     for noisy in ("transformers", "accelerate", "torch", "absl"):  # absl: rouge-score
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)

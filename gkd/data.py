@@ -167,7 +167,7 @@ def _dolly_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     template = ALPACA_PROMPT_WITH_INPUT if context else ALPACA_PROMPT
     prompt = template.format(instruction=instruction.strip(), context=context)  # type: ignore[union-attr]
     response = row.get("response") if _present(row, "response") else row.get("output")
-    return {**row, "prompt": prompt, "completion": _text(response, where, "response")}
+    return {**row, "prompt": prompt, "completion": _text(response, where, "response"), "_chat": False}
 
 
 _FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

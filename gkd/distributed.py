@@ -25,6 +25,7 @@ __all__ = [
     "is_distributed",
     "prepare_teacher",
     "shutdown",
+    "without_zero3_init",
     "world_size",
     "zero_stage",
 ]
@@ -224,3 +225,26 @@ def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
     engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
     engine.eval()
     return engine.module
+
+
+@contextmanager
+def without_zero3_init() -> Iterator[None]:
+    """Plain (non-partitioned) initialisation even inside a ZeRO-3 launch.
+
+    Only the main process materialises a built-in, converted or pruned model (the others wait in
+    ``main_process_first``);
+    under ZeRO-3, transformers would build it inside ``deepspeed.zero.Init`` (it does so whenever an
+    ``HfDeepSpeedConfig`` of stage 3 is alive, whatever accelerate's ``zero3_init_flag``), whose
+    collective initialisation then waits forever for the other ranks. transformers keeps that config
+    in a module-level weak reference; it is unset here and restored afterwards."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref() if hf_deepspeed._hf_deepspeed_config_weak_ref else None
+    if live is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(live)

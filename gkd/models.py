@@ -20,8 +20,6 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,20 +109,6 @@ def _check_local_model(path: str, name: str, role: str) -> None:
                          "save the model with save_pretrained")
 
 
-@contextmanager
-def _plain_init() -> Iterator[None]:
-    """Build whole models in this process even under ZeRO-3 (whose ``zero.Init`` would partition them
-    across ranks): for one-off conversions that run on one process only."""
-    from accelerate.state import AcceleratorState
-
-    plugin = getattr(AcceleratorState(), "deepspeed_plugin", None) if AcceleratorState._shared_state else None
-    if plugin is None:
-        yield
-        return
-    with plugin.zero3_init_context_manager(enable=False):
-        yield
-
-
 def _publish(tmp: Path, path: Path, marker: dict[str, Any]) -> None:
     """Mark ``tmp`` complete and move it to ``path`` atomically (a concurrent process may have won)."""
     (tmp / _DONE).write_text(json.dumps(marker))
@@ -154,7 +138,7 @@ def convert_gguf(file: Path) -> str:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-        with _plain_init():
+        with torch.random.fork_rng(devices=[]), distributed.without_zero3_init():  # no change to the RNG of this run
             quantized = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
             config = quantized.config
             if hasattr(config, "quantization_config"):
@@ -191,7 +175,7 @@ def prune_layers(source: str, keep: list[int], out: Path, trust_remote_code: boo
     if keep[-1] >= total:
         raise InputError(f"student_init keep_layers={keep} names layer {keep[-1]}, but {source!r} has {total} "
                          f"layers (0..{total - 1})")
-    with _plain_init():
+    with torch.random.fork_rng(devices=[]), distributed.without_zero3_init():  # no change to the RNG of this run
         teacher = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
         config.num_hidden_layers = len(keep)
         for attr in ("layer_types",):  # per-layer settings (e.g. sliding-window layers) follow their layer
@@ -254,10 +238,18 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The student's tokenizer; a missing pad token falls back to EOS (with a warning)."""
+    path = resolve_model(name_or_path)
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
+        raise InputError(f"model folder {name_or_path!r} has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}); save the "
+                         "tokenizer beside the weights (tokenizer.save_pretrained(folder))")
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except InputError:
         raise
     except (OSError, ValueError, KeyError) as e:
@@ -304,8 +296,11 @@ def _loading_hint(name: str, e: BaseException) -> str:
     if isinstance(e, OSError) and not Path(name).expanduser().exists():
         return (f"{text} — not a local folder, and the Hugging Face hub did not answer (offline?): "
                 "download it first (huggingface-cli download) and pass the folder")
-    if isinstance(e, (ValueError, KeyError)) and ("model type" in text or "Unrecognized" in text or "does not recognize" in text):
-        return f"{text} — this transformers ({_transformers_version()}) does not know the architecture: upgrade transformers, or set trust_remote_code: true if the model ships its own code"
+    if isinstance(e, ValueError | KeyError) and re.search(r"model type|Unrecognized|does not recognize", text):
+        kind = re.search(r"model type `([^`]+)`", text)
+        return (f"transformers {_transformers_version()} does not know its architecture"
+                f"{f' ({kind.group(1)})' if kind else ''}: upgrade transformers, or set trust_remote_code: true "
+                "if the model ships its own modelling code")
     return text
 
 

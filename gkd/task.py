@@ -15,8 +15,6 @@ built-in reward function (``gkd.task:exact_match_reward``).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,28 +171,6 @@ def build_model_config(shape: dict, tokenizer) -> object:
     )
 
 
-@contextmanager
-def _without_zero3_init() -> Iterator[None]:
-    """Plain (non-partitioned) initialisation even inside a ZeRO-3 launch.
-
-    Only the main process materialises a built-in model (the others wait in ``main_process_first``);
-    under ZeRO-3, transformers would build it inside ``deepspeed.zero.Init`` (it does so whenever an
-    ``HfDeepSpeedConfig`` of stage 3 is alive, whatever accelerate's ``zero3_init_flag``), whose
-    collective initialisation then waits forever for the other ranks. transformers keeps that config
-    in a module-level weak reference; it is unset here and restored afterwards."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    live = hf_deepspeed._hf_deepspeed_config_weak_ref() if hf_deepspeed._hf_deepspeed_config_weak_ref else None
-    if live is None:
-        yield
-        return
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed.set_hf_deepspeed_config(live)
-
-
 def save_random_model(path: str | Path, shape: dict, seed: int = 0) -> Path:
     """Build a randomly initialised model of ``shape`` with the task tokenizer and save both to ``path``
     (then it loads through ``from_pretrained`` like any hub model)."""
@@ -205,7 +181,9 @@ def save_random_model(path: str | Path, shape: dict, seed: int = 0) -> Path:
     tokenizer = build_tokenizer()
     # a private RNG stream: materialising a built-in model must not change the caller's random state
     # (a first run with a cold cache would otherwise differ from every later run)
-    with torch.random.fork_rng(devices=[]), _without_zero3_init():
+    from gkd.distributed import without_zero3_init
+
+    with torch.random.fork_rng(devices=[]), without_zero3_init():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(build_model_config(shape, tokenizer))
     model.save_pretrained(path)
