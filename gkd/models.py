@@ -166,7 +166,8 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
-def prune_layers(source: str, keep: list[int], out: Path, trust_remote_code: bool = False) -> None:
+def prune_layers(source: str, keep: list[int], out: Path, trust_remote_code: bool = False,
+                 marker: dict[str, Any] | None = None) -> None:
     """Save to ``out`` the model ``source`` with only the decoder layers ``keep`` (renumbered 0..n-1),
     embeddings, final norm and head unchanged, plus its tokenizer (DistilBERT / TinyBERT / Minitron
     depth pruning: the student starts from the teacher's own weights)."""
@@ -203,7 +204,7 @@ def prune_layers(source: str, keep: list[int], out: Path, trust_remote_code: boo
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     student.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(tmp)
-    _publish(tmp, out, {"source": source, "keep_layers": keep, "source_layers": total})
+    _publish(tmp, out, marker or {"source": source, "keep_layers": keep, "source_layers": total})
 
 
 def student_path(cfg: GKDConfig, teacher_path: str | None = None) -> str:
@@ -213,15 +214,16 @@ def student_path(cfg: GKDConfig, teacher_path: str | None = None) -> str:
         return resolve_model(cfg.student, cfg.student_gguf_file, "student")
     origin = cfg.student_source_name
     if origin == "teacher":
-        source = teacher_path or resolve_model(cfg.teacher or "", cfg.teacher_gguf_file)
+        name, source = cfg.teacher, teacher_path or resolve_model(cfg.teacher or "", cfg.teacher_gguf_file)
     elif origin == "student":
-        source = resolve_model(cfg.student, cfg.student_gguf_file)
+        name, source = cfg.student, resolve_model(cfg.student, cfg.student_gguf_file)
     else:
-        source = resolve_model(str(origin))
+        name, source = origin, resolve_model(str(origin))
     total = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code).num_hidden_layers
     keep = cfg.student_init.get("keep_layers") or evenly_spaced_layers(total, cfg.student_init["num_layers"])
     out = Path(cfg.output_dir) / "student-init"
-    spec = {"source": source, "keep_layers": keep, "source_layers": total}
+    # the model as the recipe names it (a resolved path moves with the cache folder between machines)
+    spec = {"source": name, "keep_layers": keep, "source_layers": total}
     done = out / _DONE
     if done.is_file():
         if json.loads(done.read_text()) == spec:
@@ -229,7 +231,7 @@ def student_path(cfg: GKDConfig, teacher_path: str | None = None) -> str:
         raise InputError(f"{out} was made with another student_init ({json.loads(done.read_text())}); "
                          "use a new output_dir, or delete that folder and its checkpoints to start over")
     logger.info("making the student: layers %s of %d from %s → %s", keep, total, source, out)
-    prune_layers(source, keep, out, cfg.trust_remote_code)
+    prune_layers(source, keep, out, cfg.trust_remote_code, marker=spec)
     return str(out)
 
 

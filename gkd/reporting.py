@@ -136,8 +136,7 @@ def write_model_card(path: Path, cfg: GKDConfig, history: list[dict[str, float]]
     marker = path.parent / "student-init" / "GKD_COMPLETE"
     if cfg.student_init and marker.is_file():
         made = json.loads(marker.read_text())
-        origin = {"teacher": cfg.teacher, "student": cfg.student}.get(str(cfg.student_source_name), cfg.student_source_name)
-        student = (f"layers {made['keep_layers']} of the {made['source_layers']}-layer `{origin}` (student_init; "
+        student = (f"layers {made['keep_layers']} of the {made['source_layers']}-layer `{made['source']}` (student_init; "
                    "saved in `../student-init/`)")
     lora = f"LoRA adapters (r={cfg.lora_r}, alpha={cfg.lora_alpha}) on it" if cfg.lora_r else "full weights"
     text = f"""---

@@ -76,3 +76,17 @@ def test_zero3_minillm_teacher_mixed_sampling(tmp_path):
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4]
     assert all(r["eval_reverse_kl"] >= 0 for r in rows if "eval_reverse_kl" in r)
     assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_zero3_student_made_from_the_teacher(tmp_path):
+    # rank 0 makes the pruned student outside zero.Init while rank 1 waits; both then load it partitioned
+    out = tmp_path / "init"
+    init = ["student=", "student_init={from: teacher, num_layers: 2}", "save_steps=1"]
+    rows = _ds_launch(3, out, *init, "max_steps=2", env_extra={"GKD_CACHE": str(tmp_path / "cold-cache")})
+    assert [r["step"] for r in rows] == [1, 2]
+    made = json.loads((out / "student-init" / "GKD_COMPLETE").read_text())
+    assert made["keep_layers"] == [0, 3]
+    assert json.loads((out / "final" / "config.json").read_text())["num_hidden_layers"] == 2
+    # resumed with another cache folder (as on another machine): the made student is found by its spec
+    resumed = _ds_launch(3, out, *init, "max_steps=3", "resume_from_checkpoint=latest", "save_final_model=false")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
