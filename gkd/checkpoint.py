@@ -25,7 +25,8 @@ from gkd.errors import CheckpointError, InputError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["MARKER", "CheckpointError", "TrainingState", "complete_checkpoints", "find_resume_checkpoint", "load_checkpoint",
+__all__ = ["FROZEN_ON_RESUME", "MARKER", "CheckpointError", "TrainingState", "apply_optimizer_settings", "claim_output_dir",
+           "complete_checkpoints", "config_changes", "find_resume_checkpoint", "load_checkpoint", "state_config",
            "mark_completed", "rotate_checkpoints", "save_checkpoint"]
 
 logger = logging.getLogger("gkd")
@@ -170,3 +171,91 @@ def load_checkpoint(acc: Accelerator, path: Path, rank_file_names: tuple[str, ..
         if file.exists():
             rank_files[name] = torch.load(file, weights_only=False, map_location=acc.device)
     return TrainingState(trainer, generators, rank_files)
+
+
+#: What a run writes into its output_dir (a second run must not mix its own with these).
+RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "final", "final-merged", "student-init", "vllm_config")
+
+
+def _run_outputs(output_dir: Path) -> list[Path]:
+    found = [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    return found + [p for _, p in _checkpoints(output_dir)]
+
+
+def claim_output_dir(output_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> None:
+    """Refuse to start a new run on top of an old one in ``output_dir`` (its metrics.jsonl would mix two
+    runs' steps, its final/ be overwritten): continue it (``resume_from_checkpoint``), start over
+    (``overwrite``: the old run's outputs are deleted, by the main process), or use another folder.
+    Every process checks, so every process raises the same error."""
+    found = _run_outputs(output_dir)
+    if not found or resume:
+        return
+    if not overwrite:
+        names = ", ".join(sorted(p.name for p in found)[:4]) + (", …" if len(found) > 4 else "")
+        raise InputError(f"output_dir={str(output_dir)!r} already holds a run ({names}); continue it with "
+                         "resume_from_checkpoint=latest, start over with overwrite_output_dir=true, or choose a new "
+                         "output_dir")
+    if is_main:
+        logger.warning("overwrite_output_dir: deleting the previous run's outputs in %s", output_dir)
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+#: Fields a resumed run cannot change: they decide the models, the data order, the algorithm's state
+#: or the batch shape that the checkpoint's weights, optimizer state and data position belong to.
+FROZEN_ON_RESUME = (
+    "teacher", "student", "teacher_gguf_file", "student_gguf_file", "student_init", "teacher_dtype", "student_dtype",
+    "teacher_quantization", "trust_remote_code", "lora_r", "lora_alpha", "lora_target_modules", "objectives",
+    "layer_map", "dataset", "dataset_split", "dataset_format", "num_train_examples", "max_digits",
+    "max_prompt_length", "long_prompts", "validation_size", "split_seed", "max_response_length", "lm_dataset",
+    "algorithm", "per_device_batch_size", "gradient_accumulation_steps", "num_rollouts", "num_generations",
+    "ppo_epochs", "seed",
+)
+#: Not settings of the run itself.
+_NOT_COMPARED = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir")
+
+
+def state_config(path: Path) -> dict[str, Any] | None:
+    """The config a checkpoint was written with (checkpoints before it was stored there: the run's
+    ``config.yaml`` beside them, if any)."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    if "config" in state:
+        return state["config"]
+    beside = path.parent / "config.yaml"
+    if beside.is_file():
+        import yaml
+
+        return yaml.safe_load(beside.read_text())
+    return None
+
+
+def config_changes(saved: dict[str, Any], config: Any) -> dict[str, tuple[Any, Any]]:
+    """``{field: (old, new)}`` of the settings that differ from the checkpoint's; a change to a
+    :data:`FROZEN_ON_RESUME` field is an :class:`InputError` listing every such field."""
+    now = config.to_dict()
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and k not in _NOT_COMPARED and saved[k] != now[k]}
+    frozen = {k: v for k, v in changed.items() if k in FROZEN_ON_RESUME}
+    if frozen:
+        listed = ", ".join(f"{k} ({a!r} → {b!r})" for k, (a, b) in frozen.items())
+        raise InputError(f"cannot resume with changed {listed}: the checkpoint's weights, optimizer state and data "
+                         "position belong to the old values; resume with them, or start a new run in a new output_dir")
+    return changed
+
+
+def apply_optimizer_settings(config: Any, optimizer: Any, scheduler: Any, changed: dict[str, Any]) -> None:
+    """Make changed optimizer / schedule settings take effect after a checkpoint restored the old ones:
+    the learning rate (through the schedule, whose shape follows ``lr_scheduler`` / ``warmup_steps`` /
+    ``max_steps`` as given now), weight decay and Adam's betas."""
+    if {"learning_rate", "lr_scheduler", "warmup_steps", "max_steps"} & set(changed):
+        scheduler.base_lrs = [config.learning_rate for _ in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        if "weight_decay" in changed:
+            group["weight_decay"] = config.weight_decay
+        if {"adam_beta1", "adam_beta2"} & set(changed):
+            group["betas"] = (config.adam_beta1, config.adam_beta2)

@@ -142,15 +142,16 @@ class GKDConfig:
     output_dir: str = _f("runs/gkd", "Where metrics.jsonl, config.yaml, checkpoints and the final model go.")
     logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
     report_to: list[str] = _f(["none"], "Trackers besides metrics.jsonl, through accelerate: tensorboard, wandb, or none.")
-    log_samples_steps: int = _f(0, "Every N steps, log a few student completions with their teacher log-prob to the log and samples.jsonl (0: never).")
+    log_samples_steps: int = _f(0, "Every N steps, log a few of the step's completions with their teacher log-prob to the log and samples.jsonl (0: never); `source` says whose: the student's own (on-policy steps), the dataset's references or the teacher's samples (seq_kd).")
     eval_steps: int = _f(0, "Every N optimizer steps and after the last one, evaluate the student greedily on eval_prompts held-out prompts (the dataset's validation part: builtin:addition's held-out problems, or validation_size rows): eval_accuracy (task checker, else exact match with the reference), eval_rouge_l (with references), eval_forward_kl / eval_reverse_kl against the teacher on the student's own completions, eval_len. 0: never.")
     eval_prompts: int = _f(128, "eval_steps: held-out prompts per evaluation, split evenly across processes.")
     save_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
     save_total_limit: int = _f(0, "Keep only the newest N complete checkpoints (0 keeps all).")
+    overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that already holds one (its metrics, samples, checkpoints and exported models are deleted first); without it such a folder is refused unless resume_from_checkpoint is set.")
     resume_from_checkpoint: str | None = _f(None, "'latest' (newest complete checkpoint in output_dir, or a fresh start if none) or a checkpoint folder.")
     ddp_backend: str = _f("auto", "Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo. DeepSpeed on CPU needs gloo.")
     save_final_model: bool = _f(True, "Save the trained student in Hugging Face format to output_dir/final.")
-    progress_bar: bool = _f(True, "Show a tqdm progress bar on the main process.")
+    progress_bar: bool = _f(True, "Show a tqdm progress bar on the main process (only when stderr is a terminal: never written into pipes or log files).")
 
     def __post_init__(self) -> None:
         _coerce_types(self)

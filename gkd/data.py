@@ -220,13 +220,17 @@ def _load_with_datasets(dataset: str, split: str) -> tuple[list[dict[str, Any]],
 FORMATS = ("auto", "prompt_completion", "messages", "dolly", "text")
 
 
-def detect_format(row: dict[str, Any]) -> str | None:
-    """The format of one row by the columns it has a value in (``None``: none recognised)."""
-    for column, fmt in (("messages", "messages"), ("instruction", "dolly"), ("prompt", "prompt_completion"),
-                        ("text", "text")):
-        if _present(row, column):
-            return fmt
-    return None
+_SIGNALS = {"messages": "messages", "instruction": "dolly", "prompt": "prompt_completion", "text": "text"}
+
+
+def detect_format(row: dict[str, Any], where: str = "row") -> str | None:
+    """The format of one row by the columns it has a value in (``None``: none recognised); a row with
+    values in the columns of two formats cannot be told apart and is refused."""
+    found = [column for column in _SIGNALS if _present(row, column)]
+    if len(found) > 1:
+        raise InputError(f"{where}: the row has both {found[0]!r} and {found[1]!r}, so its format cannot be told; keep "
+                         "one of them, or set dataset_format")
+    return _SIGNALS[found[0]] if found else None
 
 
 def normalize_rows(rows: list[dict[str, Any]], tokenizer, *, dataset_format: str = "auto",
@@ -240,11 +244,11 @@ def normalize_rows(rows: list[dict[str, Any]], tokenizer, *, dataset_format: str
     ``{instruction, context, response}`` (Alpaca template); ``{text}`` (all completion, for lm_dataset)."""
     if dataset_format not in FORMATS:
         raise InputError(f"dataset_format={dataset_format!r} is not valid; choose one of: {', '.join(FORMATS)}")
-    column = {"messages": "messages", "dolly": "instruction", "prompt_completion": "prompt", "text": "text"}
+    column = {fmt: col for col, fmt in _SIGNALS.items()}
     out = []
     for i, row in enumerate(rows, 1):
         where = f"{source}:{i}"
-        fmt = detect_format(row) if dataset_format == "auto" else dataset_format
+        fmt = detect_format(row, where) if dataset_format == "auto" else dataset_format
         if fmt is None or not _present(row, column[fmt]):
             want = column[fmt] if fmt else "prompt"
             hint = "" if fmt else "; a row needs prompt, messages, instruction (Dolly) or text"
@@ -343,7 +347,8 @@ def load_rows(dataset: str, tokenizer, *, dataset_format: str = "auto", num_exam
     if part != "all":
         train, validation = split_rows(rows, validation_size, split_seed)
         if part == "validation" and not validation:
-            raise InputError(f"{source} has no validation part: set validation_size (a share like 0.1 or a row count)")
+            raise InputError(f"{source} has no validation part: set validation_size (gkd eval: --validation-size), "
+                             "a share like 0.1 or a row count")
         rows = train if part == "train" else validation
     if max_response_length:
         rows, _ = filter_by_length(rows, tokenizer, max_response_length=max_response_length, source=f"{source} ({part})")

@@ -55,7 +55,7 @@ class DemoPlan:
 
 
 def _sft(plan: DemoPlan, init: Path, out: Path, steps: int, lr: float, batch: int, seed: int,
-         scheduler: str = "constant_with_warmup") -> Path:
+         scheduler: str = "constant_with_warmup", progress: bool = True) -> Path:
     """Supervised fine-tuning = our trainer with divergence=kd, kd_weight=0, λ=0 (no teacher)."""
     from gkd.trainer import GKDTrainer
 
@@ -63,20 +63,23 @@ def _sft(plan: DemoPlan, init: Path, out: Path, steps: int, lr: float, batch: in
         student=str(init), teacher=None, divergence="kd", kd_weight=0.0, lmbda=0.0,
         max_digits=plan.max_digits, num_train_examples=plan.num_train, max_new_tokens=2 * plan.max_digits + 1,
         max_steps=steps, per_device_batch_size=batch, learning_rate=lr, lr_scheduler=scheduler,
-        warmup_steps=min(50, steps // 4), output_dir=str(out), seed=seed, progress_bar=True,
+        warmup_steps=min(50, steps // 4), output_dir=str(out), seed=seed, progress_bar=progress,
+        overwrite_output_dir=True,  # the demo owns its folders: a rerun starts each phase over
     )
     GKDTrainer(cfg).train()
     return out / "final"
 
 
-def _distill(plan: DemoPlan, student: Path, teacher: Path, out: Path, steps: int, seed: int, **overrides: Any) -> Path:
+def _distill(plan: DemoPlan, student: Path, teacher: Path, out: Path, steps: int, seed: int, progress: bool = True,
+             **overrides: Any) -> Path:
     from gkd.trainer import GKDTrainer
 
     cfg = GKDConfig(
         student=str(student), teacher=str(teacher),
         max_digits=plan.max_digits, num_train_examples=plan.num_train, max_new_tokens=2 * plan.max_digits + 1,
         max_steps=steps, per_device_batch_size=plan.student_batch, learning_rate=plan.student_lr,
-        lr_scheduler="constant", output_dir=str(out), seed=seed, progress_bar=True, **overrides,
+        lr_scheduler="constant", output_dir=str(out), seed=seed, progress_bar=progress, overwrite_output_dir=True,
+        **overrides,
     )
     GKDTrainer(cfg).train()
     return out / "final"
@@ -88,7 +91,8 @@ def _load(path: Path):
     return load_model(str(path), "float32"), load_tokenizer(str(path))
 
 
-def cached_teacher(plan: DemoPlan, work: Path, seed: int = 0, retrain: bool = False) -> tuple[Path, bool]:
+def cached_teacher(plan: DemoPlan, work: Path, seed: int = 0, retrain: bool = False,
+                   progress: bool = True) -> tuple[Path, bool]:
     """The demo teacher for ``plan``: from the cache (keyed by shape, task and training settings) or
     trained now with SFT and cached atomically. Returns its folder and whether it was cached."""
     key = hashlib.sha256(json.dumps([TEACHER_SHAPE, plan.max_digits, plan.num_train, plan.teacher_steps,
@@ -97,7 +101,7 @@ def cached_teacher(plan: DemoPlan, work: Path, seed: int = 0, retrain: bool = Fa
     if (cached / "COMPLETED").exists() and not retrain:
         return cached, True
     trained = _sft(plan, save_random_model(work / "teacher-init", TEACHER_SHAPE, seed), work / "teacher-sft",
-                   plan.teacher_steps, plan.teacher_lr, plan.teacher_batch, seed, scheduler="cosine")
+                   plan.teacher_steps, plan.teacher_lr, plan.teacher_batch, seed, scheduler="cosine", progress=progress)
     tmp = cached.with_name(cached.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(trained, tmp)
@@ -108,7 +112,7 @@ def cached_teacher(plan: DemoPlan, work: Path, seed: int = 0, retrain: bool = Fa
 
 
 def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
-             retrain_teacher: bool = False, algorithm: str = "gkd") -> dict[str, Any]:
+             retrain_teacher: bool = False, algorithm: str = "gkd", progress: bool = True) -> dict[str, Any]:
     """Run the embedded default and return (and print, and save) its results table.
 
     ``algorithm="minillm"`` distills with MiniLLM (teacher-mixed sampling, PPO) instead of GKD.
@@ -128,27 +132,32 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
         return evaluate(model, tok, prompts, check_answer, teacher=teacher_model, max_new_tokens=2 * plan.max_digits + 1)
 
     print("[1/4] teacher: supervised training on the built-in task (cached after the first run)")
-    teacher_path, was_cached = cached_teacher(plan, work, seed, retrain_teacher)
+    teacher_path, was_cached = cached_teacher(plan, work, seed, retrain_teacher, progress)
+    print(f"      teacher model: {teacher_path}  (a recipe's `teacher:` can point at it)")
     t_teacher = time.perf_counter() - t0
     teacher_model, _ = _load(teacher_path)
     teacher_eval = ev(teacher_path)
 
     print("[2/4] student: short supervised warm-up")
     warm = _sft(plan, save_random_model(work / "student-init", STUDENT_SHAPE, seed + 1), work / "student-warmup",
-                plan.warmup_steps, plan.student_lr, plan.student_batch, seed)
+                plan.warmup_steps, plan.student_lr, plan.student_batch, seed, progress=progress)
+    print(f"      warm student: {warm}")
     before = ev(warm, teacher_model)
 
     settings = plan.minillm if algorithm == "minillm" else plan.gkd
     label = "MiniLLM" if algorithm == "minillm" else "on-policy GKD"
     print(f"[3/4] {label} ({settings}) for {plan.gkd_steps} steps")
     t_gkd = time.perf_counter()
-    gkd_final = _distill(plan, warm, teacher_path, work / f"student-{algorithm}", plan.gkd_steps, seed, **settings)
+    gkd_final = _distill(plan, warm, teacher_path, work / f"student-{algorithm}", plan.gkd_steps, seed, progress,
+                         **settings)
+    print(f"      distilled student: {gkd_final}")
     t_gkd = time.perf_counter() - t_gkd
     after = ev(gkd_final, teacher_model)
 
     print(f"[4/4] control: {plan.gkd_steps} more steps of plain SFT from the same warm student")
     sft_final = _sft(plan, warm, work / "student-sft-control", plan.gkd_steps, plan.student_lr,
-                     plan.student_batch, seed)
+                     plan.student_batch, seed, progress=progress)
+    print(f"      control student: {sft_final}")
     control = ev(sft_final, teacher_model)
 
     rows = [

@@ -84,7 +84,8 @@ class Reporter:
     @torch.no_grad()
     def log_samples(self, step: int, rollout: Rollout, tokenizer: Any, teacher: torch.nn.Module | None,
                     n: int = 2) -> None:
-        """A few completions of the current step with the teacher's mean token log-prob on them."""
+        """A few completions of the current step (``source``: the student's own samples, the dataset's
+        references or the teacher's samples, by the kind of step) with the teacher's mean token log-prob."""
         if not self.acc.is_main_process:
             return
         teacher_logits = score(teacher, rollout, len(tokenizer)).teacher_logits if teacher is not None else None
@@ -92,8 +93,9 @@ class Reporter:
             for i in range(min(n, rollout.completion_ids.shape[0])):
                 mask = rollout.completion_mask[i]
                 ids = rollout.completion_ids[i][mask]
+                source = "student" if rollout.on_policy else "reference" if rollout.is_reference else "teacher"
                 record = {
-                    "step": step, "on_policy": int(rollout.on_policy),
+                    "step": step, "on_policy": int(rollout.on_policy), "source": source,
                     "prompt": tokenizer.decode(rollout.prompt_ids[i][rollout.prompt_mask[i]]),
                     "completion": tokenizer.decode(ids),
                 }
@@ -139,9 +141,10 @@ def write_model_card(path: Path, cfg: GKDConfig, history: list[dict[str, float]]
         student = (f"layers {made['keep_layers']} of the {made['source_layers']}-layer `{made['source']}` (student_init; "
                    "saved in `../student-init/`)")
     lora = f"LoRA adapters (r={cfg.lora_r}, alpha={cfg.lora_alpha}) on it" if cfg.lora_r else "full weights"
+    tags = ", ".join(dict.fromkeys(["gkd", "knowledge-distillation", cfg.algorithm]))  # each tag once
     text = f"""---
 library_name: transformers
-tags: [gkd, knowledge-distillation, {cfg.algorithm}]
+tags: [{tags}]
 ---
 # Student distilled with gkd
 

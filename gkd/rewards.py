@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import math
 import numbers
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -272,6 +273,13 @@ def _call_checked(name: str, fn: RewardFn, kwargs: dict[str, Any], per_sample: s
     try:
         inspect.signature(fn).bind(**kwargs)
     except TypeError as exc:
+        missing = re.search(r"missing a required argument: '([^']+)'", str(exc))
+        if missing:  # usually a dataset column the function reads but the rows do not have
+            columns = sorted(k for k in kwargs if k not in ("prompts", "completions", "completion_ids"))
+            raise RewardError(
+                f"reward function {name!r} needs {missing.group(1)!r}, which no dataset column supplies (columns: "
+                f"{', '.join(columns) or 'none'}); add that column to the data, or give the parameter a default"
+            ) from exc
         raise RewardError(
             f"reward function {name!r} cannot be called with keywords {sorted(kwargs)}: {_one_line(exc)}; "
             "declare it as f(prompts, completions, **kwargs)"

@@ -162,9 +162,18 @@ def sample(
             model.train()
 
 
+def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row. A row with NaN/inf or no mass (a diverged student) draws uniformly instead of
+    crashing: its tokens are junk, but its stored log-probs and the loss on them stay non-finite, so the
+    optimizer step skips it like any other non-finite step (no host sync here)."""
+    bad = ~torch.isfinite(probs).all(-1, keepdim=True) | ~(probs.sum(-1, keepdim=True) > 0)
+    probs = torch.where(bad, torch.ones_like(probs), probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 def _draw(probs: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
     if do_sample:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return _multinomial(probs, generator)
     return probs.argmax(-1)
 
 
@@ -284,7 +293,7 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
             if params.do_sample:
                 resid = (p_j - q_j).clamp(min=0)
                 resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, mix * p_j + (1 - mix) * q_j)
-                y = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
+                y = _multinomial(resid, generator)
             else:
                 y = (mix * p_j + (1 - mix) * q_j).argmax(-1)
             y_q = q_all[rows, at].gather(-1, y[:, None]).squeeze(-1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,16 @@ from transformers import get_scheduler
 
 from gkd import distributed
 from gkd.algorithms import Algorithm, RunParts, get_algorithm
-from gkd.checkpoint import TrainingState, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from gkd.checkpoint import (
+    TrainingState,
+    apply_optimizer_settings,
+    claim_output_dir,
+    config_changes,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    state_config,
+)
 from gkd.config import GKDConfig
 from gkd.data import BatchStream, config_rows, given_rows, make_loader, require_references
 from gkd.errors import PREEMPTED_EXIT_CODE, InputError, NonFiniteError, Preempted
@@ -77,6 +87,8 @@ class GKDTrainer:
         self.config = cfg = config
         self.accelerator = acc = accelerator or build_accelerator(cfg)
         set_seed(cfg.seed)
+        claim_output_dir(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.overwrite_output_dir, acc.is_main_process)
+        acc.wait_for_everyone()  # the main process may have deleted an old run's outputs
         algorithm_cls = get_algorithm(cfg.algorithm)
         algorithm_cls.check(cfg, acc.num_processes)
         if distributed.zero_stage(acc):
@@ -136,6 +148,8 @@ class GKDTrainer:
         resume = find_resume_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         if resume is not None:
             self.load_checkpoint(resume)
+        elif acc.is_main_process:  # "latest" without a checkpoint: a fresh start, without the dead run's lines
+            truncate_metrics(self.output_dir, 0)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
@@ -172,7 +186,7 @@ class GKDTrainer:
         cfg, acc = self.config, self.accelerator
         history: list[dict[str, float]] = []
         bar = None
-        if cfg.progress_bar and acc.is_main_process:
+        if cfg.progress_bar and acc.is_main_process and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.algorithm, dynamic_ncols=True)
@@ -228,7 +242,7 @@ class GKDTrainer:
         state = TrainingState(
             trainer={"step": self.step, "data_pos": {"train": p.batches.position,
                                                      "lm": p.lm_batches.position if p.lm_batches else [0, 0]},
-                     "num_processes": self.accelerator.num_processes},
+                     "num_processes": self.accelerator.num_processes, "config": self.config.to_dict()},
             generators={name: g.get_state() for name, g in self._generators().items()},
             rank_files=self.algorithm.state_dict(),
         )
@@ -240,7 +254,13 @@ class GKDTrainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything :meth:`save_checkpoint` wrote; the next step is exactly the one an
         uninterrupted run would have taken."""
+        saved = state_config(path)
+        changed = config_changes(saved, self.config) if saved is not None else {}
         state = load_checkpoint(self.accelerator, path, self.algorithm.state_files)
+        if changed:
+            apply_optimizer_settings(self.config, self.optimizer, self.scheduler, changed)
+            logger.warning("resumed with changed settings: %s",
+                           ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changed.items()))
         for name, generator in self._generators().items():
             generator.set_state(state.generators[name])
         self.algorithm.load_state_dict(state.rank_files)

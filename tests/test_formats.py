@@ -76,6 +76,7 @@ def test_a_file_mixing_formats_is_read_row_by_row(tmp_path, chat_tokenizer):
     ({"messages": ANSWER}, "d.jsonl:1: 'messages' holds only an assistant turn"),
     ({"prompt": "x", "completion": {"a": 1}}, "d.jsonl:1: 'completion' must be text, got dict"),
     ({"question": "x"}, "d.jsonl:1: missing column 'prompt' (found: question)"),
+    ({"prompt": "x", "messages": USER}, "d.jsonl:1: the row has both 'messages' and 'prompt'"),
 ])
 def test_bad_rows_name_the_row(chat_tokenizer, row, message):
     with pytest.raises(ValueError) as err:

@@ -70,7 +70,8 @@ def test_student_init_from_the_teacher_trains_resumes_and_merges_lora(tmp_path, 
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
     # another spec in the same output_dir is refused in one line
     capsys.readouterr()
-    code = main(["train", TINY, "student=", "student_init={from: teacher, keep_layers: [0, 2]}", f"output_dir={out}", *QUIET])
+    code = main(["train", TINY, "student=", "student_init={from: teacher, keep_layers: [0, 2]}", f"output_dir={out}",
+                 "resume_from_checkpoint=latest", *QUIET])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "was made with another student_init" in err, err
 
