@@ -45,6 +45,9 @@ _NON_FINITE_HINTS = {
     "student logits": "the student diverged: lower learning_rate, keep max_grad_norm > 0, prefer bf16 over fp16",
     "loss": "the divergence overflowed: lower loss_temperature extremes or learning_rate",
     "gradients": "gradients overflowed: lower learning_rate, enable max_grad_norm, prefer bf16 over fp16",
+    "sampled log-probs": "a sampled token has a non-finite log-prob under the student or the sampling mixture "
+                         "(with top_k / top_p: a token outside a model's truncated support); loosen top_k / top_p "
+                         "or raise temperature, or lower learning_rate if the student diverged",
 }
 
 

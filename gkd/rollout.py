@@ -56,8 +56,8 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, L) bool, True up to and including EOS
     on_policy: bool = False  # sampled from the student (True) or reference / teacher text (False)
     is_reference: bool = False  # completions are dataset references (CE targets for classic KD)
-    sampled_logprobs: torch.Tensor | None = None  # (B, L) fp32 log q_old(y_t), student's (processed) distribution
-    teacher_logprobs: torch.Tensor | None = None  # (B, L) fp32 log p(y_t), teacher-mixed sampling only
+    sampled_logprobs: torch.Tensor | None = None  # (B, L) fp32 log q_old(y_t): plain sampling: the processed distribution; teacher-mixed: at the sampling temperature, without top-k / top-p (as q_θ in the loss)
+    teacher_logprobs: torch.Tensor | None = None  # (B, L) fp32 log p(y_t) of the unprocessed teacher (no τ / top-k / top-p), teacher-mixed sampling only
     mixed_logprobs: torch.Tensor | None = None  # (B, L) fp32 log p̃(y_t) of the distribution actually sampled
     # filled by the trainer after sampling:
     rows: list[dict] | None = None  # (B,) dataset rows (prompt text, extra columns for reward functions)
@@ -230,6 +230,7 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
     device = prompt_ids.device
     batch, max_new = prompt_ids.shape[0], params.max_new_tokens
     procs = build_logits_processors(params)
+    truncates = params.top_k > 0 or params.top_p < 1.0
     attention = prompt_mask.long()
     positions = position_ids_from_mask(attention)
     base = positions[:, -1]  # position of each prompt's last token; new token i sits at base + i
@@ -252,12 +253,14 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
         if pending is not None:
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             s_logits = student_step(pending[:, None], attention, start[:, None])
-        q_steps, drafts = [], []
+        q_steps, drafts, qt_steps = [], [], []
         for j in range(k):
             q = torch.log_softmax(procs(prompt_ids, s_logits.float()), dim=-1)
             d = _draw(q.exp(), params.do_sample, generator)
             q_steps.append(q)
             drafts.append(d)
+            if truncates:  # the stored log q_old: at the sampling temperature, without the top-k / top-p cut
+                qt_steps.append(torch.log_softmax(s_logits.float() / params.temperature, dim=-1))
             if j < k - 1:
                 fed.append(d)
                 attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
@@ -269,12 +272,18 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
         if fed:
             slot_pos = start[:, None] + torch.arange(len(fed), device=device)
             p_logits.append(teacher_step(torch.stack(fed, 1), attention, slot_pos, all_positions=True))
-        p_all = torch.cat(p_logits, 1).float()  # (B, k, V)
+        p_raw = torch.cat(p_logits, 1).float()  # (B, k, V)
         q_all = torch.stack(q_steps, 1)  # (B, k, V) log q
-        p_all = torch.log_softmax(procs(prompt_ids, p_all.flatten(0, 1)), dim=-1).view_as(q_all)
+        p_all = torch.log_softmax(procs(prompt_ids, p_raw.flatten(0, 1)), dim=-1).view_as(q_all)
+        # the reward's log p(y_t) comes from the teacher's unprocessed distribution (as the MiniLLM
+        # authors score it): a token outside the teacher's top-k / top-p keeps a finite log-prob
+        r_all = torch.log_softmax(p_raw, dim=-1) if procs else p_all
+        qt_all = torch.stack(qt_steps, 1) if truncates else q_all
         d_all = torch.stack(drafts, 1)  # (B, k)
         q_d = q_all.gather(-1, d_all[..., None]).squeeze(-1)
+        qt_d = qt_all.gather(-1, d_all[..., None]).squeeze(-1)
         p_d = p_all.gather(-1, d_all[..., None]).squeeze(-1)
+        r_d = r_all.gather(-1, d_all[..., None]).squeeze(-1)
         mix_d = torch.logaddexp(p_d + log_mix, q_d + log_rest)
         if mix == 0:
             accepted = torch.ones_like(d_all, dtype=torch.bool)
@@ -284,7 +293,7 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
             accepted = d_all == torch.logaddexp(p_all + log_mix, q_all + log_rest).argmax(-1)
         n_acc = accepted.long().cumprod(1).sum(1)  # leading accepted drafts per row
         rejected = n_acc < k
-        new_ids, new_q, new_p, new_mix = d_all, q_d, p_d, mix_d
+        new_ids, new_q, new_r, new_mix = d_all, qt_d, r_d, mix_d
         any_rejected = bool(rejected.any())
         if any_rejected:
             at = n_acc.clamp(max=k - 1)
@@ -298,9 +307,11 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
                 y = (mix * p_j + (1 - mix) * q_j).argmax(-1)
             y_q = q_all[rows, at].gather(-1, y[:, None]).squeeze(-1)
             y_p = p_all[rows, at].gather(-1, y[:, None]).squeeze(-1)
+            y_qt = qt_all[rows, at].gather(-1, y[:, None]).squeeze(-1)
+            y_r = r_all[rows, at].gather(-1, y[:, None]).squeeze(-1)
             put = rejected[:, None] & (cols == at[:, None])
             new_ids = torch.where(put, y[:, None], d_all)
-            new_q, new_p = torch.where(put, y_q[:, None], q_d), torch.where(put, y_p[:, None], p_d)
+            new_q, new_r = torch.where(put, y_qt[:, None], qt_d), torch.where(put, y_r[:, None], r_d)
             new_mix = torch.where(put, torch.logaddexp(y_p + log_mix, y_q + log_rest)[:, None], mix_d)
         n_new = torch.where(rejected, n_acc + 1, torch.full_like(n_acc, k))
         live = ~finished
@@ -316,7 +327,7 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
         valid &= (cols[None] <= first_eos[:, None]) & (length[:, None] + cols[None] < max_new)
         index = torch.where(valid, length[:, None] + cols[None], torch.full_like(new_ids, width - 1))
         out_ids.scatter_(1, index, torch.where(valid, new_ids, pad_token_id))
-        for name, val in (("q", new_q), ("p", new_p), ("mix", new_mix)):
+        for name, val in (("q", new_q), ("p", new_r), ("mix", new_mix)):
             out[name].scatter_(1, index, torch.where(valid, val, 0.0))
         length = length + valid.sum(1)
         finished = finished | (is_eos & valid).any(1) | (length >= max_new)

@@ -214,6 +214,8 @@ class GKDTrainer:
                     raise Preempted(stop["signal"] or "a signal on another rank", self.step, path)
         if bar is not None:
             bar.close()
+        if history and self.updater.applied == 0:  # every step of this run was skipped: a failed run
+            raise self.updater.failure()
         if cfg.save_final_model:
             self.save_model(self.output_dir / "final")
             if acc.is_main_process:

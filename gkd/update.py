@@ -63,8 +63,15 @@ def global_token_count(rollouts: list[Rollout], reduction: str) -> torch.Tensor:
     return distributed.all_reduce_sum(torch.stack(counts).sum()).clamp(min=1.0)
 
 
-def diagnose_non_finite(student_view: torch.Tensor, teacher_view: torch.Tensor | None) -> str:
-    """Which input made the loss non-finite (checked only after it happened)."""
+def diagnose_non_finite(student_view: torch.Tensor, teacher_view: torch.Tensor | None,
+                        rollout: Rollout | None = None) -> str:
+    """Which input made the loss non-finite (checked only after it happened): the log-probs stored at
+    sampling time and the advantages made from them, the teacher's view, the student's."""
+    if rollout is not None:
+        mask = rollout.completion_mask
+        for stored in (rollout.sampled_logprobs, rollout.mixed_logprobs, rollout.teacher_logprobs, rollout.advantages):
+            if stored is not None and stored.shape == mask.shape and not bool(torch.isfinite(stored[mask]).all()):
+                return "sampled log-probs"
     if teacher_view is not None and not bool(torch.isfinite(teacher_view).all()):
         return "teacher logits"
     if not bool(torch.isfinite(student_view).all()):
@@ -81,6 +88,8 @@ class Updater:
         self.timers, self.output_dir = timers, output_dir
         self.step = 0  # optimizer steps taken (skipped ones included)
         self.consecutive_skips = self.skipped_steps = 0
+        self.applied = 0  # steps of this process's run that changed the weights
+        self.last_cause: str | None = None
 
     def optimize(self, rollouts: list[Rollout], loss_fn: Callable[[Rollout], LossOutput],
                  lm_rollouts: list[Rollout] | None = None,
@@ -116,7 +125,7 @@ class Updater:
                         objective = objective + cfg.lm_coef * lm_total / lm_norm.to(lm_total.device)
                     # non-finite values: every rank skips this micro-batch's backward together
                     if distributed.any_rank(not bool(torch.isfinite(objective))):
-                        cause = cause or diagnose_non_finite(out.student_view, out.teacher_view)
+                        cause = cause or diagnose_non_finite(out.student_view, out.teacher_view, rollout)
                         if deepspeed:  # DeepSpeed counts micro-steps in backward: send a zero gradient
                             acc.backward(torch.nan_to_num(out.student_view.float()).sum() * 0.0)
                     else:
@@ -151,12 +160,18 @@ class Updater:
         cfg = self.cfg
         if cause is None:
             self.consecutive_skips = 0
+            self.applied += 1
         else:
+            self.last_cause = cause
             self.consecutive_skips += 1
             self.skipped_steps += 1
             logger.warning("step %d skipped: non-finite %s (%d in a row)", self.step, cause, self.consecutive_skips)
         metrics["skipped"] = int(cause is not None)
         metrics["skipped_total"] = self.skipped_steps
         if cause is not None and 0 < cfg.max_consecutive_skips <= self.consecutive_skips:
-            saved = complete_checkpoints(self.output_dir)
-            raise NonFiniteError(self.step, cause, self.consecutive_skips, saved[-1] if saved else None)
+            raise self.failure()
+
+    def failure(self) -> NonFiniteError:
+        """The error of a run stopped by skipped steps (or that applied no update at all)."""
+        saved = complete_checkpoints(self.output_dir)
+        return NonFiniteError(self.step, self.last_cause or "loss", self.consecutive_skips, saved[-1] if saved else None)

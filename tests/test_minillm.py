@@ -18,7 +18,7 @@ from gkd.losses import (
     single_step_reverse_kl,
     whiten,
 )
-from gkd.rollout import SamplingParams, sample
+from gkd.rollout import SamplingParams, build_logits_processors, sample
 
 
 class FixedLM(torch.nn.Module):
@@ -176,11 +176,43 @@ def test_speculative_rounds_keep_the_caches_right(tokenizer, k):
     m = r.completion_mask
     assert m.sum() > 6
     assert (masks[-1][:, enc.input_ids.shape[1]:] == 0).any()  # some drafts were rejected: holes exist
-    for model, stored in ((student, r.sampled_logprobs), (teacher, r.teacher_logprobs)):
+    # log q at the sampling temperature; log p of the reward from the teacher's unprocessed distribution
+    for model, stored, tau in ((student, r.sampled_logprobs, params.temperature), (teacher, r.teacher_logprobs, 1.0)):
         with torch.no_grad():
-            logits = completion_logits(model, r).float() / params.temperature
+            logits = completion_logits(model, r).float() / tau
         ref = torch.log_softmax(logits, -1).gather(-1, r.completion_ids[..., None])[..., 0]
         torch.testing.assert_close(stored[m], ref[m], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("processing", [dict(top_k=2), dict(top_p=0.5, temperature=0.7)])
+def test_reward_log_p_is_finite_outside_the_teachers_top_k(tokenizer, processing):
+    """With top-k / top-p, a token the mixture draws can lie outside the teacher's truncated support
+    (p = 0 there). The reward's log p(y_t) is scored, as in the MiniLLM authors' code, with the
+    teacher's unprocessed distribution: finite, and equal to an unpadded no-cache teacher forward."""
+    from gkd.scorer import completion_logits
+
+    student, teacher = tiny_model(tokenizer, hidden=32, seed=4), tiny_model(tokenizer, hidden=64, seed=5)
+    enc = tokenizer(["<bos>12+34=", "<bos>5+6=", "<bos>987+1="] * 4, add_special_tokens=False, padding=True,
+                    return_tensors="pt")
+    params = SamplingParams(10, **processing)
+    r = sample(student, enc.input_ids, enc.attention_mask, params, eos_token_id=2, pad_token_id=0,
+               generator=torch.Generator().manual_seed(3), teacher=teacher, teacher_mix=0.2, draft_tokens=3)
+    m = r.completion_mask
+    with torch.no_grad():
+        raw = torch.log_softmax(completion_logits(teacher, r).float(), -1)
+        processed = torch.log_softmax(
+            build_logits_processors(params)(None, completion_logits(teacher, r).float().flatten(0, 1)), -1
+        ).view_as(raw)
+    ids = r.completion_ids[..., None]
+    outside = torch.isinf(processed.gather(-1, ids)[..., 0]) & m
+    assert outside.any()  # the case exists: some sampled tokens are outside the teacher's truncated support
+    assert torch.isfinite(r.teacher_logprobs[m]).all()
+    torch.testing.assert_close(r.teacher_logprobs[m], raw.gather(-1, ids)[..., 0][m], rtol=1e-4, atol=1e-4)
+    # log q_old likewise: at the sampling temperature, untruncated, as q_θ is computed in the loss
+    with torch.no_grad():
+        q = torch.log_softmax(completion_logits(student, r).float() / params.temperature, -1).gather(-1, ids)[..., 0]
+    assert torch.isfinite(r.sampled_logprobs[m]).all()
+    torch.testing.assert_close(r.sampled_logprobs[m], q[m], rtol=1e-4, atol=1e-4)
 
 
 def test_speculative_greedy_and_mix_zero_match_the_step_by_step_samplers(tokenizer):

@@ -110,3 +110,33 @@ def test_model_card_lists_each_tag_once(tmp_path):
     assert main(["train", TINY, f"output_dir={out}", "max_steps=1", "progress_bar=false"]) == 0
     tags = next(line for line in (out / "final" / "README.md").read_text().splitlines() if line.startswith("tags:"))
     assert tags == "tags: [gkd, knowledge-distillation]"
+
+
+def test_a_run_that_applied_no_update_fails(tmp_path, tokenizer):
+    """Fewer steps than max_consecutive_skips, every one skipped (a NaN teacher): not "done", exit 3."""
+    import torch
+    from conftest import tiny_model
+
+    from gkd.config import GKDConfig
+    from gkd.errors import NonFiniteError
+    from gkd.trainer import GKDTrainer
+
+    teacher = tiny_model(tokenizer, hidden=64, seed=2)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(float("nan"))
+    cfg = GKDConfig(teacher="t", student="s", num_train_examples=64, max_new_tokens=9, per_device_batch_size=4,
+                    max_steps=3, lmbda=0.0, output_dir=str(tmp_path / "run"), progress_bar=False)
+    trainer = GKDTrainer(cfg, student=tiny_model(tokenizer, seed=1), teacher=teacher, tokenizer=tokenizer)
+    with pytest.raises(NonFiniteError, match="non-finite teacher logits"):
+        trainer.train()
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_minillm_with_top_k_trains(tmp_path):
+    """The recipe that used to skip every step: MiniLLM with top_k, whose reward log p of a token outside
+    the teacher's top-k was −inf."""
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "recipes" / "minillm_tiny.yaml"), f"output_dir={out}", "top_k=3", "max_steps=4",
+                 *QUIET]) == 0
+    assert [r["skipped"] for r in _metrics(out)] == [0, 0, 0, 0]
