@@ -33,7 +33,7 @@ from gkd.rewards import RewardFn, RewardFunctions
 from gkd.rollout import SamplingParams, sample
 from gkd.scorer import check_tokenizers_match, completion_logits
 
-__all__ = ["DECODINGS", "EvalResult", "eval_shard", "evaluate", "evaluate_in_training", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
+__all__ = ["DECODINGS", "EvalResult", "eval_shard", "evaluate", "evaluate_in_training", "sequence_stats", "teacher_forced_kl", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
            "write_report"]
 
 #: Decoding modes: ``greedy`` (argmax) or ``sample`` (temperature / top-p / top-k, seeded).
@@ -54,9 +54,36 @@ class EvalResult:
     decoding: str = "greedy"
     num_prompts: int = 0
     num_completions: int = 0  # num_prompts × samples_per_prompt
+    distinct_2: float | None = None  # mean distinct-bigram share per completion (see sequence_stats)
+    repeat_4: float | None = None  # mean share of repeated 4-grams per completion
+    no_eos: float | None = None  # share of completions that hit max_new_tokens without EOS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def sequence_stats(completion_ids: Sequence[Sequence[int]], eos_token_id: int | Sequence[int]) -> dict[str, float]:
+    """Collapse signs of a set of completions (token ids, EOS included where it was produced), as sums
+    over completions so that processes can add them up: ``distinct_2`` (per completion, distinct
+    bigrams / bigrams; a repeated pattern scores low), ``repeat_4`` (share of 4-grams that already
+    occurred earlier in the same completion; a loop scores high), ``no_eos`` (completions that ended
+    without EOS, i.e. at ``max_new_tokens``) and ``n``."""
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    distinct = repeat = no_eos = 0.0
+    for ids in completion_ids:
+        ids = list(ids)
+        body = ids[:-1] if ids and ids[-1] in eos else ids
+        no_eos += float(not ids or ids[-1] not in eos)
+        bigrams = list(zip(body, body[1:], strict=False))
+        distinct += len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+        grams = [tuple(body[i : i + 4]) for i in range(len(body) - 3)]
+        seen: set[tuple[int, ...]] = set()
+        repeated = 0
+        for g in grams:
+            repeated += g in seen
+            seen.add(g)
+        repeat += repeated / len(grams) if grams else 0.0
+    return {"distinct_2": distinct, "repeat_4": repeat, "no_eos": no_eos, "n": float(len(completion_ids))}
 
 
 def exact_match(completion: str, reference: str) -> bool:
@@ -177,7 +204,10 @@ def evaluate(
         if has_refs:
             shown["reference"] = rows[i]["completion"]
         samples.append(shown)
+    stats = sequence_stats(completion_ids, tokenizer.eos_token_id)
+    per = max(stats["n"], 1.0)
     return EvalResult(
+        distinct_2=stats["distinct_2"] / per, repeat_4=stats["repeat_4"] / per, no_eos=stats["no_eos"] / per,
         accuracy=sum(hits) / n if hits is not None and n else None,
         forward_kl=fkl_sum / tokens if has_kl else None,
         reverse_kl=rkl_sum / tokens if has_kl else None,
@@ -207,6 +237,29 @@ def greedy_completions(model: torch.nn.Module, tokenizer, rows: Sequence[Mapping
         ids = [r.completion_ids[i][r.completion_mask[i]].tolist() for i in range(r.completion_ids.shape[0])]
         out.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
     return out
+
+
+@torch.no_grad()
+def teacher_forced_kl(model: torch.nn.Module, teacher: torch.nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], *,
+                      max_new_tokens: int, max_prompt_length: int, batch_size: int) -> tuple[float, float]:
+    """Token means of ``KL(teacher‖model)`` and ``KL(model‖teacher)`` on given completions (the rows'
+    ``completion``, here the teacher's own answers), teacher-forced: unlike the KLs on the model's own
+    samples, a model cannot lower these by repeating itself."""
+    from gkd.data import reference_rollout
+
+    device = next(model.parameters()).device
+    dataset = PromptDataset([dict(r) for r in rows], tokenizer, max_prompt_length=max_prompt_length,
+                            max_new_tokens=max_new_tokens)
+    fkl = rkl = tokens = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(rows)))], tokenizer.pad_token_id)
+        rollout = reference_rollout(batch).to(device)
+        s = log_probs(completion_logits(model, rollout, len(tokenizer)))
+        t = log_probs(completion_logits(teacher, rollout, len(tokenizer)))
+        fkl += float(masked_sum_and_count(forward_kl(s, t), rollout.completion_mask)[0])
+        rkl += float(masked_sum_and_count(reverse_kl(s, t), rollout.completion_mask)[0])
+        tokens += float(rollout.completion_mask.sum())
+    return fkl / max(tokens, 1.0), rkl / max(tokens, 1.0)
 
 
 # --- gkd eval -------------------------------------------------------------------------------------
@@ -299,16 +352,19 @@ def run_eval(
             raise InputError(f"max_prompts={max_prompts} must be >= 1")
         rows = rows[:max_prompts]
     reference = "dataset"
+    teacher_answers: list[str] = []
+    if teacher_model is not None:  # what the teacher itself answers: a reference the student cannot move
+        teacher_answers = greedy_completions(teacher_model, tokenizer, rows, max_new_tokens=max_new_tokens or 64,
+                                             max_prompt_length=max_prompt_length, batch_size=batch_size)
     if any(r.get("completion") is None for r in rows):  # prompt-only rows (on-policy data)
         if teacher_model is None:
             reference = "none"
-        else:  # Rouge-L / exact match against what the teacher itself answers
-            missing = [r for r in rows if r.get("completion") is None]
-            answers = greedy_completions(teacher_model, tokenizer, missing, max_new_tokens=max_new_tokens or 64,
-                                         max_prompt_length=max_prompt_length, batch_size=batch_size)
-            for row, answer in zip(missing, answers, strict=True):
-                row["completion"] = answer
-            reference = "teacher greedy" if len(missing) == len(rows) else "dataset, else teacher greedy"
+        else:  # Rouge-L / exact match against the teacher's answers
+            missing = sum(r.get("completion") is None for r in rows)
+            for row, answer in zip(rows, teacher_answers, strict=True):
+                if row.get("completion") is None:
+                    row["completion"] = answer
+            reference = "teacher greedy" if missing == len(rows) else "dataset, else teacher greedy"
     checker = None
     funcs = list(reward_funcs)
     if builtin:
@@ -322,10 +378,16 @@ def run_eval(
     common = dict(checker=checker, reward_funcs=rewards, samples_per_prompt=samples_per_prompt,
                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens or 64,
                   max_prompt_length=max_prompt_length, batch_size=batch_size, num_samples=num_shown)
+    forced: dict[str, float] = {}
+    if teacher_model is not None:
+        answered = [{**row, "completion": answer} for row, answer in zip(rows, teacher_answers, strict=True)]
+        fkl, rkl = teacher_forced_kl(student, teacher_model, tokenizer, answered, max_new_tokens=common["max_new_tokens"],
+                                     max_prompt_length=max_prompt_length, batch_size=batch_size)
+        forced = {"teacher_forced_forward_kl": fkl, "teacher_forced_reverse_kl": rkl}
     results = []
     for decoding in decodings:
         r = evaluate(student, tokenizer, rows, teacher=teacher_model, decoding=decoding, **common)
-        results.append({"model": "student", **r.to_dict()})
+        results.append({"model": "student", **r.to_dict(), **forced})
         # against its own greedy answers the teacher's greedy row would be 100% by construction
         if teacher_model is not None and teacher_metrics and not (decoding == "greedy" and reference == "teacher greedy"):
             r = evaluate(teacher_model, tokenizer, rows, decoding=decoding, **common)
@@ -351,14 +413,19 @@ def format_table(report: dict[str, Any]) -> str:
         return f"{100 * x:.1f}" if pct else f"{x:.4f}"
 
     lines = [
-        "| model | decoding | exact match % | Rouge-L | reward | KL(teacher‖model) | KL(model‖teacher) | mean length |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | decoding | exact match % | Rouge-L | reward | KL(t‖m) own | KL(m‖t) own | KL(t‖m) teacher's | "
+        "KL(m‖t) teacher's | distinct-2 | repeat-4 % | no EOS % | mean length |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(f"| {r['model']} | {r['decoding']} | {fmt(r['accuracy'], True)} | {fmt(r['rouge_l'], True)} | "
                      f"{fmt(r['rewards'].get('reward'))} | {fmt(r['forward_kl'])} | {fmt(r['reverse_kl'])} | "
+                     f"{fmt(r.get('teacher_forced_forward_kl'))} | {fmt(r.get('teacher_forced_reverse_kl'))} | "
+                     f"{fmt(r.get('distinct_2'))} | {fmt(r.get('repeat_4'), True)} | {fmt(r.get('no_eos'), True)} | "
                      f"{r['completion_len_mean']:.1f} |")
     lines.append("")
+    lines.append("KL … own: on the model's own completions (repetition flatters these); KL … teacher's: teacher-forced "
+                 "on the teacher's greedy answers (the model's output cannot move them).")
     reference = report.get("reference", "dataset")
     lines.append(f"{report['num_prompts']} prompts from {report['dataset']} ({report['split']}); "
                  "KLs are token means on the model's own completions; Rouge-L ×100"

@@ -207,3 +207,32 @@ def test_cli_eval_bad_input_is_one_line(tmp_path, capsys, args, expect):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("gkd eval: error:") and expect in err[-1], err
+
+
+def test_a_degenerate_student_scores_badly_where_it_cannot_game_the_metric(tokenizer):
+    """A student that always emits one token: its own samples show it (distinct-2, repeat-4, no EOS),
+    and the teacher-forced KL on the teacher's answers is far above a faithful student's."""
+    from conftest import tiny_model
+
+    from gkd.evaluate import greedy_completions, teacher_forced_kl
+
+    teacher = tiny_model(tokenizer, hidden=64, seed=2)
+    degenerate = tiny_model(tokenizer, hidden=64, seed=2)
+    head = torch.nn.Linear(64, degenerate.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tokenizer.convert_tokens_to_ids("7")] = 20.0  # always "7"
+    degenerate.lm_head = head
+    rows = [{"prompt": f"<bos>{a}+{b}="} for a, b in ((12, 34), (5, 6), (987, 1), (40, 2))]
+    bad = evaluate(degenerate, tokenizer, rows, teacher=teacher, max_new_tokens=12)
+    good = evaluate(teacher, tokenizer, rows, max_new_tokens=12, decoding="sample", seed=0)  # a random model samples diversely
+    assert bad.distinct_2 == pytest.approx(1 / 11) and bad.repeat_4 == pytest.approx(8 / 9) and bad.no_eos == 1.0
+    assert good.distinct_2 > bad.distinct_2
+    answers = greedy_completions(teacher, tokenizer, rows, max_new_tokens=12, max_prompt_length=64, batch_size=4)
+    answered = [{**r, "completion": a} for r, a in zip(rows, answers, strict=True)]
+    kw = dict(max_new_tokens=12, max_prompt_length=64, batch_size=4)
+    fkl_bad, rkl_bad = teacher_forced_kl(degenerate, teacher, tokenizer, answered, **kw)
+    fkl_same, rkl_same = teacher_forced_kl(teacher, teacher, tokenizer, answered, **kw)
+    assert fkl_same == pytest.approx(0.0, abs=1e-6) and rkl_same == pytest.approx(0.0, abs=1e-6)
+    assert fkl_bad > 1.0 and rkl_bad > 1.0

@@ -49,4 +49,7 @@ def test_old_minillm_mid_buffer_checkpoint_resumes_to_the_same_losses(tmp_path):
     shutil.copytree(HERE / "golden" / f"minillm_checkpoint-{step}", out / f"checkpoint-{step}")
     assert (out / f"checkpoint-{step}" / "minillm_buffer_0.pt").exists()  # a buffer in progress
     got = record.run("minillm_tiny", out, "resume_from_checkpoint=latest")
-    _assert_same(got, _golden("minillm_tiny")[step:])
+    want = _golden("minillm_tiny")[step:]
+    # the buffer in progress comes from the old checkpoint, whose shared metrics predate the sample_* ones
+    want = [{k: v for k, v in w.items() if k in g or not k.startswith("sample_")} for g, w in zip(got, want, strict=True)]
+    _assert_same(got, want)

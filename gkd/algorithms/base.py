@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from gkd import distributed
 from gkd.data import BatchStream, reference_rollout
+from gkd.evaluate import sequence_stats
 from gkd.losses import kd_per_token
 from gkd.objectives import ObjectiveSetup, temperature_at
 from gkd.reporting import Reporter, Timers
@@ -128,6 +130,16 @@ class Algorithm(ABC):
         """Per-token cross-entropy on an LM-dataset batch (MiniLLM's language-modelling loss L_PT)."""
         logits = completion_logits(self.parts.student, rollout, self.parts.vocab_size)
         return kd_per_token(logits, None, rollout.completion_ids, kd_weight=0.0)
+
+    def sample_stats(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """Collapse signs of the student's samples of a step, over all ranks (:func:`gkd.evaluate.sequence_stats`):
+        ``sample_distinct_2``, ``sample_repeat_4``, ``sample_no_eos`` (share that hit max_new_tokens)."""
+        ids = [r.completion_ids[i][r.completion_mask[i]].tolist() for r in rollouts for i in range(r.completion_ids.shape[0])]
+        st = sequence_stats(ids, self.parts.tokenizer.eos_token_id)
+        d, rep, e, n = distributed.all_reduce_sum(torch.tensor(
+            [st["distinct_2"], st["repeat_4"], st["no_eos"], st["n"]], dtype=torch.float64)).tolist()
+        n = max(n, 1.0)
+        return {"sample_distinct_2": d / n, "sample_repeat_4": rep / n, "sample_no_eos": e / n}
 
     def maybe_log_samples(self, rollout: Rollout) -> None:
         cfg, parts = self.config, self.parts

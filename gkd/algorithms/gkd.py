@@ -97,6 +97,8 @@ class GKD(Algorithm):
                 self.set_advantages(rollouts)
         metrics = self.optimize(rollouts)
         metrics.update(reward_metrics, on_policy=int(on_policy))
+        if on_policy:
+            metrics.update(self.sample_stats(rollouts))
         self.maybe_log_samples(rollouts[0])
         if distributed.is_distributed():  # how many ranks took this step on-policy: 0 or all, never a mix
             metrics["on_policy_ranks"] = int(distributed.all_reduce_sum(torch.tensor(float(on_policy))).item())

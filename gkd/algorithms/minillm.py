@@ -185,6 +185,7 @@ class MiniLLM(Algorithm):
                 r.advantages = a
             shared["token_reward_mean"] = token_reward_mean
             shared.update(draft_metrics(rollouts))
+            shared.update(self.sample_stats(rollouts))
         return MiniLLMBuffer(rollouts, shared)
 
     def steps(self) -> Iterator[dict[str, float]]:
