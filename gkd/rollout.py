@@ -56,7 +56,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, L) bool, True up to and including EOS
     on_policy: bool = False  # sampled from the student (True) or reference / teacher text (False)
     is_reference: bool = False  # completions are dataset references (CE targets for classic KD)
-    sampled_logprobs: torch.Tensor | None = None  # (B, L) fp32 log q_old(y_t): plain sampling: the processed distribution; teacher-mixed: at the sampling temperature, without top-k / top-p (as q_θ in the loss)
+    sampled_logprobs: torch.Tensor | None = None  # (B, L) fp32 log q_old(y_t): plain sampling: of the processed distribution; teacher-mixed: at the sampling temperature, without top-k / top-p (as q_θ in MiniLLM's loss)
     teacher_logprobs: torch.Tensor | None = None  # (B, L) fp32 log p(y_t) of the unprocessed teacher (no τ / top-k / top-p), teacher-mixed sampling only
     mixed_logprobs: torch.Tensor | None = None  # (B, L) fp32 log p̃(y_t) of the distribution actually sampled
     # filled by the trainer after sampling:

@@ -75,7 +75,8 @@ def test_teacher_mix_zero_equals_the_plain_sampler(tokenizer):
     enc = tokenizer(["<bos>12+34=", "<bos>5+6=", "<bos>987+1="], add_special_tokens=False, padding=True,
                     return_tensors="pt")
     kw = dict(eos_token_id=2, pad_token_id=0, vocab_size=len(tokenizer))
-    params = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.95)
+    # no top-k / top-p: with a cut, the mixed sampler stores the uncut log q_old (see the test below)
+    params = SamplingParams(max_new_tokens=8, temperature=0.8)
     plain = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3), **kw)
     mixed = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3),
                    teacher=teacher, teacher_mix=0.0, **kw)
