@@ -68,6 +68,9 @@ class GKDConfig:
 
     # --- GKD algorithm (Agarwal et al. 2024, Algorithm 1; docs/concepts.md) ---
     lmbda: float = _f(0.5, "λ: probability that an optimizer step is on-policy (completions sampled from the student). 0 = supervised KD, 1 = fully on-policy.")
+    lmbda_schedule: str = _f("constant", "How λ moves over training: constant, or linear / cosine from lmbda (first step after the warm-up) to lmbda_end (last step): a curriculum from the dataset's or teacher's text to the student's own.")
+    lmbda_end: float | None = _f(None, "λ at the last step under a linear / cosine lmbda_schedule.")
+    off_policy_warmup_steps: int = _f(0, "The first N optimizer steps are off-policy (λ = 0: references, or teacher samples with seq_kd), then lmbda_schedule runs; a student broken at the start (a pruned one) first learns from text it did not write.")
     divergence: str = _f("jsd", f"Token-level objective when `objectives` is empty: one of {', '.join(LOGIT_OBJECTIVES)}.")
     beta: float = _f(0.5, "β of the generalized JSD (divergence=jsd): 0 = forward KL, 1 = reverse KL.")
     skew: float = _f(0.1, "Skew a of skew_forward_kl / skew_reverse_kl (DistiLLM).")
@@ -157,6 +160,8 @@ class GKDConfig:
         _coerce_types(self)
         checks = [
             (0.0 <= self.lmbda <= 1.0, "lmbda", "must be in [0, 1]"),
+            (self.lmbda_end is None or 0.0 <= self.lmbda_end <= 1.0, "lmbda_end", "must be in [0, 1]"),
+            (self.off_policy_warmup_steps >= 0, "off_policy_warmup_steps", "must be >= 0"),
             (0.0 <= self.beta <= 1.0, "beta", "must be in [0, 1]"),
             (0.0 <= self.skew <= 1.0, "skew", "must be in [0, 1]"),
             (0.0 <= self.kd_weight <= 1.0, "kd_weight", "must be in [0, 1]"),
@@ -209,6 +214,7 @@ class GKDConfig:
             "reward_baseline": ["batch", "group"],
             "divergence": list(LOGIT_OBJECTIVES),
             "loss_temperature_schedule": ["constant", "linear", "cosine"],
+            "lmbda_schedule": ["constant", "linear", "cosine"],
             "reduction": list(REDUCTIONS),
             "dataset_format": ["auto", "prompt_completion", "messages", "dolly", "text"],
             "mixed_precision": ["no", "bf16", "fp16"],
@@ -232,6 +238,11 @@ class GKDConfig:
                 if obj.name not in TOPK_OBJECTIVES and not (obj.uses_hidden or obj.uses_attention):
                     raise ConfigError(f"teacher_topk={self.teacher_topk} cannot be used with {obj.name!r}, which needs every "
                                       f"teacher logit; set teacher_topk: 0 or use one of {', '.join(TOPK_OBJECTIVES)}")
+        if self.lmbda_schedule != "constant" and self.lmbda_end is None:
+            raise ConfigError(f"lmbda_schedule={self.lmbda_schedule!r} needs lmbda_end (λ at the last step)")
+        if self.algorithm == "minillm" and (self.lmbda_schedule != "constant" or self.off_policy_warmup_steps):
+            raise ConfigError("lmbda_schedule / off_policy_warmup_steps apply to algorithm=gkd; MiniLLM samples every "
+                              "step (teacher-mixed)")
         if self.loss_temperature_schedule != "constant" and self.loss_temperature_end is None:
             raise ConfigError(f"loss_temperature_schedule={self.loss_temperature_schedule!r} needs loss_temperature_end")
         self._check_student_init()

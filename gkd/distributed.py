@@ -114,10 +114,11 @@ class OnPolicyScheduler:
         self.lmbda = lmbda
         self.generator = torch.Generator().manual_seed(seed)
 
-    def draw(self) -> bool:
+    def draw(self, lmbda: float | None = None) -> bool:
+        """One decision; ``lmbda`` overrides λ for this step (a schedule: the same value on every rank)."""
         u = torch.rand(1, generator=self.generator, dtype=torch.float64)
         u = broadcast_from_main(u)
-        return bool(u.item() < self.lmbda)  # u ∈ [0, 1): λ=0 never, λ=1 always on-policy
+        return bool(u.item() < (self.lmbda if lmbda is None else lmbda))  # u ∈ [0, 1): λ=0 never, λ=1 always
 
     def state_dict(self) -> dict:
         return {"lmbda": self.lmbda, "generator": self.generator.get_state()}

@@ -258,3 +258,29 @@ def test_public_names_of_the_old_trainer_module_still_import():
     assert set(before_the_split) <= set(gkd.trainer.__all__)
     assert all(hasattr(gkd.trainer, name) for name in gkd.trainer.__all__)
     assert gkd.GKDTrainer is gkd.trainer.GKDTrainer and gkd.GKDConfig is GKDConfig
+
+
+def test_lmbda_schedule_by_hand():
+    from gkd.algorithms.gkd import lmbda_at
+
+    assert [lmbda_at(s, 10, 0.5) for s in range(10)] == [0.5] * 10
+    assert [lmbda_at(s, 6, 1.0, warmup_steps=2) for s in range(6)] == [0, 0, 1, 1, 1, 1]
+    linear = [lmbda_at(s, 7, 0.0, 1.0, "linear", warmup_steps=2) for s in range(7)]
+    assert linear == pytest.approx([0, 0, 0, 0.25, 0.5, 0.75, 1.0])
+    cosine = [lmbda_at(s, 5, 0.2, 1.0, "cosine") for s in range(5)]
+    assert cosine[0] == pytest.approx(0.2) and cosine[-1] == pytest.approx(1.0) and cosine == sorted(cosine)
+
+
+def test_lmbda_schedule_through_the_trainer(tmp_path):
+    from gkd.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
+    out = tmp_path / "warm"
+    assert main(["train", tiny, f"output_dir={out}", "lmbda=1", "off_policy_warmup_steps=3", "max_steps=6",
+                 "progress_bar=false", "save_final_model=false"]) == 0
+    rows = [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["on_policy"] for r in rows] == [0, 0, 0, 1, 1, 1] and [r["lmbda"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ConfigError, match="needs lmbda_end"):
+        GKDConfig(student="s", teacher="t", lmbda_schedule="linear")
+    with pytest.raises(ConfigError, match="apply to algorithm=gkd"):
+        GKDConfig(student="s", teacher="t", algorithm="minillm", off_policy_warmup_steps=2)

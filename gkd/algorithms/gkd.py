@@ -21,16 +21,26 @@ from gkd.algorithms.base import Algorithm, RunParts
 from gkd.algorithms.common import logit_terms_fn, loss_output, run_per_token, structure_terms, views
 from gkd.data import reference_rollout, require_references
 from gkd.losses import policy_gradient_loss, token_logprobs
+from gkd.objectives import temperature_at
 from gkd.rewards import score_rollouts
 from gkd.rollout import Rollout
 from gkd.sampling import repeat_batch
 from gkd.update import LossOutput
 
-__all__ = ["GKD", "batch_baseline_advantages", "group_baseline_advantages"]
+__all__ = ["GKD", "batch_baseline_advantages", "group_baseline_advantages", "lmbda_at"]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def lmbda_at(step: int, max_steps: int, lmbda: float, lmbda_end: float | None = None, schedule: str = "constant",
+             warmup_steps: int = 0) -> float:
+    """λ of optimizer step ``step`` (0-based): 0 during ``warmup_steps`` off-policy steps, then constant,
+    or linear / cosine from ``lmbda`` to ``lmbda_end`` over the remaining steps."""
+    if step < warmup_steps:
+        return 0.0
+    return temperature_at(step - warmup_steps, max_steps - warmup_steps, lmbda, lmbda_end, schedule)
 
 
 def group_baseline_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -67,9 +77,12 @@ class GKD(Algorithm):
 
     @classmethod
     def check_rows(cls, config: Any, rows: list[dict[str, Any]]) -> None:
-        if config.lmbda < 1.0 and not config.seq_kd:
-            require_references(rows, f"lmbda={config.lmbda} < 1 makes off-policy steps, which train on the dataset's "
-                                     "reference completions",
+        off_policy = config.lmbda < 1.0 or config.off_policy_warmup_steps > 0 or (
+            config.lmbda_schedule != "constant" and (config.lmbda_end or 0.0) < 1.0)
+        if off_policy and not config.seq_kd:
+            why = (f"lmbda={config.lmbda} < 1 makes off-policy steps" if config.lmbda < 1.0 else
+                   "off_policy_warmup_steps / lmbda_schedule make off-policy steps")
+            require_references(rows, f"{why}, which train on the dataset's reference completions",
                                "set lmbda: 1 (every step on-policy) or seq_kd: true (the teacher writes them)")
 
     def settings(self) -> str:
@@ -86,7 +99,10 @@ class GKD(Algorithm):
     def train_step(self) -> dict[str, float]:
         """One optimizer step: rollout → (rewards) → score → loss → backward → step."""
         cfg, parts = self.config, self.parts
-        on_policy = self.coin.draw()
+        scheduled = cfg.lmbda_schedule != "constant" or cfg.off_policy_warmup_steps > 0
+        lmbda = lmbda_at(self.step, cfg.max_steps, cfg.lmbda, cfg.lmbda_end, cfg.lmbda_schedule,
+                         cfg.off_policy_warmup_steps) if scheduled else None
+        on_policy = self.coin.draw(lmbda)
         batches = [next(parts.batches) for _ in range(cfg.gradient_accumulation_steps)]
         with parts.timers("rollout"):
             rollouts = [self.rollout(b, on_policy) for b in batches]
@@ -97,6 +113,8 @@ class GKD(Algorithm):
                 self.set_advantages(rollouts)
         metrics = self.optimize(rollouts)
         metrics.update(reward_metrics, on_policy=int(on_policy))
+        if lmbda is not None:
+            metrics["lmbda"] = lmbda
         if on_policy:
             metrics.update(self.sample_stats(rollouts))
         self.maybe_log_samples(rollouts[0])
