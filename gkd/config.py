@@ -20,10 +20,22 @@ import yaml
 from gkd.errors import ConfigError, InputError
 from gkd.losses import LOGIT_OBJECTIVES, REDUCTIONS
 
-__all__ = ["ALGORITHM_NAMES", "ConfigError", "GKDConfig", "InputError", "apply_overrides", "load_config"]
+__all__ = ["ALGORITHM_NAMES", "MINILLM_PRESETS", "ConfigError", "GKDConfig", "InputError", "apply_overrides", "load_config"]
 
 #: Valid ``algorithm`` values: the names registered in :data:`gkd.algorithms.ALGORITHMS` (a test ties them).
 ALGORITHM_NAMES = ("gkd", "minillm")
+
+#: ``minillm_preset``: the values a preset gives the fields left at their defaults. ``paper``: the
+#: equations of Gu et al. 2024; ``lmops``: how the authors' code (microsoft/LMOps, minillm/) runs.
+MINILLM_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "paper": {"gamma": 1.0, "include_current_reward": False, "length_normalization": True,
+              "whiten_advantages": True, "single_step_weighted": True},
+    "lmops": {"gamma": 0.95, "include_current_reward": True, "length_normalization": True,
+              "whiten_advantages": True, "single_step_weighted": False, "reward_scale": 2.0, "reward_clip": 100.0,
+              "ppo_epochs": 4, "learning_rate": 5e-6, "adam_beta2": 0.95, "weight_decay": 1e-6,
+              "lm_coef": 1.0, "lm_kd_weight": 0.5},
+}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors dataclasses/TRL naming
@@ -89,6 +101,7 @@ class GKDConfig:
     layer_map: dict[int, int] = _f({}, "Hidden / attention objectives: {student_layer: teacher_layer} with output_hidden_states indices (0 = embeddings, i = block i); empty = uniform map of every student block.")
 
     # --- MiniLLM (Gu et al. 2024; docs/concepts.md) ---
+    minillm_preset: str = _f("none", "minillm: fill the MiniLLM fields left at their defaults as the paper's equations have them (paper: γ 1, returns of later tokens, single-step term weighted by w_t) or as the authors' code runs them (lmops: γ 0.95, returns include r_t, reward ×2 clipped to ±100, unweighted single-step term, lr 5e-6, AdamW β2 0.95, weight decay 1e-6, and with lm_dataset the LM loss on at coefficient 1 with half of it distilled from the teacher); fields you set win. none: the defaults as listed.")
     teacher_mix: float = _f(0.2, "minillm: share of the teacher in the sampling mixture p̃ = mix·p + (1−mix)·q (paper α).")
     mix_draft_tokens: int = _f(4, "minillm: tokens the student drafts per teacher pass in teacher-mixed sampling; speculative acceptance keeps every draw an exact sample of p̃ for any value (1: the teacher steps with every token). Logged: mix_draft_accept, mix_tokens_per_teacher_pass.")
     num_rollouts: int = _f(64, "minillm: completions collected (over all processes) before the PPO epochs over them.")
@@ -98,11 +111,13 @@ class GKDConfig:
     include_current_reward: bool = _f(False, "minillm: the return at t includes r_t itself (original code) instead of only later tokens (paper eq. 6).")
     length_normalization: bool = _f(True, "minillm: divide the long-term return by the number of its terms (paper eq. 6; off = ablation).")
     reward_scale: float = _f(1.0, "minillm: multiply the per-token reward log p − log q_old by this.")
+    reward_clip: float = _f(0.0, "minillm: clip the scaled per-token reward to ±reward_clip (0: no clipping; the authors' code: 100).")
     whiten_advantages: bool = _f(True, "minillm: whiten the long-term advantages over the global rollout buffer (original code).")
     single_step_weighted: bool = _f(False, "minillm: weight the single-step KL by the importance weight w_t (paper eq. 7; the original code does not).")
     single_step_coef: float = _f(1.0, "minillm: coefficient of the single-step KL term (0 disables it).")
     lm_dataset: str | None = _f(None, "minillm: optional pretraining/SFT JSONL ({prompt, completion} or {text}) for an extra LM loss.")
     lm_coef: float = _f(0.0, "minillm: coefficient of the LM loss on lm_dataset.")
+    lm_kd_weight: float = _f(0.0, "minillm: share of the LM loss distilled from the teacher on lm_dataset: (1−w)·CE + w·KL(teacher‖student), the same gradient as the authors' 0.5·CE + 0.5·soft CE at w = 0.5.")
 
     # --- reward term (GKD eq. 5) ---
     reward_funcs: list[str] = _f([], "Reward functions 'package.module:function' or 'file.py:function' with TRL's signature fn(prompts, completions, **kwargs).")
@@ -158,6 +173,7 @@ class GKDConfig:
 
     def __post_init__(self) -> None:
         _coerce_types(self)
+        self._apply_preset()
         checks = [
             (0.0 <= self.lmbda <= 1.0, "lmbda", "must be in [0, 1]"),
             (self.lmbda_end is None or 0.0 <= self.lmbda_end <= 1.0, "lmbda_end", "must be in [0, 1]"),
@@ -202,6 +218,8 @@ class GKDConfig:
             (self.reward_scale > 0, "reward_scale", "must be > 0"),
             (self.single_step_coef >= 0, "single_step_coef", "must be >= 0"),
             (self.lm_coef >= 0, "lm_coef", "must be >= 0"),
+            (self.reward_clip >= 0, "reward_clip", "must be >= 0 (0: no clipping)"),
+            (0.0 <= self.lm_kd_weight <= 1.0, "lm_kd_weight", "must be in [0, 1]"),
             (0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]"),
             (self.num_generations > 0, "num_generations", "must be > 0"),
             (0.0 < self.vllm_gpu_memory_utilization <= 1.0, "vllm_gpu_memory_utilization", "must be in (0, 1]"),
@@ -272,6 +290,19 @@ class GKDConfig:
             raise ConfigError(
                 "teacher is required (only pure SFT, i.e. divergence=kd with kd_weight=0 and lmbda=0, runs without one)"
             )
+
+    def _apply_preset(self) -> None:
+        if self.minillm_preset not in MINILLM_PRESETS:
+            raise ConfigError(f"minillm_preset={self.minillm_preset!r} is not valid; choose one of: "
+                              f"{', '.join(MINILLM_PRESETS)}")
+        if self.minillm_preset != "none" and self.algorithm != "minillm":
+            raise ConfigError(f"minillm_preset={self.minillm_preset!r} applies to algorithm=minillm")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in MINILLM_PRESETS[self.minillm_preset].items():
+            if name == "lm_coef" and not self.lm_dataset:
+                continue  # the LM loss needs its data
+            if getattr(self, name) == defaults[name]:  # left at its default: the preset's value
+                setattr(self, name, value)
 
     @property
     def student_source_name(self) -> str | None:

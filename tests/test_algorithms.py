@@ -101,14 +101,16 @@ def _rollout(g: torch.Generator, lengths: list[int], with_rewards: bool) -> Roll
                    reward_mask=torch.rand(b, generator=g) > 0.3 if with_rewards else None)
 
 
-def _brute_force_advantages(rollouts, alpha, scale, gamma, include_current, length_normalized, whiten_advantages):
+def _brute_force_advantages(rollouts, alpha, scale, gamma, include_current, length_normalized, whiten_advantages,
+                            clip=0.0):
     """Per-sequence loops in float64: rewards, user reward at the last token, returns, global whitening."""
     out = []
     for r in rollouts:
         rows = []
         for i in range(r.completion_ids.shape[0]):
             n = int(r.completion_mask[i].sum())
-            tok = [alpha * scale * (float(r.teacher_logprobs[i, t]) - float(r.sampled_logprobs[i, t])) for t in range(n)]
+            tok = [scale * (float(r.teacher_logprobs[i, t]) - float(r.sampled_logprobs[i, t])) for t in range(n)]
+            tok = [alpha * (max(-clip, min(clip, v)) if clip else v) for v in tok]
             if r.rewards is not None and alpha < 1.0 and n and r.reward_mask[i]:
                 tok[n - 1] += (1 - alpha) * float(r.rewards[i])
             ret = []
@@ -126,25 +128,28 @@ def _brute_force_advantages(rollouts, alpha, scale, gamma, include_current, leng
     return out
 
 
-@pytest.mark.parametrize("gamma,include_current,length_normalized,whiten_advantages,alpha", [
-    (1.0, False, True, False, 1.0),   # the paper's form
-    (0.95, True, True, True, 1.0),    # the authors' code
-    (0.9, False, False, True, 0.5),   # plain discounted return, user reward at the final token
+@pytest.mark.parametrize("gamma,include_current,length_normalized,whiten_advantages,alpha,clip", [
+    (1.0, False, True, False, 1.0, 0.0),   # the paper's form
+    (0.95, True, True, True, 1.0, 0.0),    # the authors' code
+    (0.95, True, True, True, 1.0, 0.2),    # ... with reward clipping (scaled rewards here reach ~1)
+    (0.9, False, False, True, 0.5, 0.0),   # plain discounted return, user reward at the final token
 ])
 def test_minillm_advantages_equal_a_brute_force_loop(gamma, include_current, length_normalized, whiten_advantages,
-                                                     alpha):
+                                                     alpha, clip):
     g = torch.Generator().manual_seed(2)
     rollouts = [_rollout(g, [3, 5, 1], True), _rollout(g, [4, 2, 6], True)]
     kw = dict(alpha=alpha, reward_scale=0.5, gamma=gamma, include_current=include_current,
-              length_normalized=length_normalized, whiten_advantages=whiten_advantages)
+              length_normalized=length_normalized, whiten_advantages=whiten_advantages, reward_clip=clip)
     got, token_reward_mean = minillm_advantages(rollouts, **kw)
-    want = _brute_force_advantages(rollouts, alpha, 0.5, gamma, include_current, length_normalized, whiten_advantages)
+    want = _brute_force_advantages(rollouts, alpha, 0.5, gamma, include_current, length_normalized, whiten_advantages,
+                                   clip)
     for adv, rows in zip(got, want, strict=True):
         for i, ret in enumerate(rows):
             assert adv[i, : len(ret)].tolist() == pytest.approx(ret, rel=1e-4, abs=1e-5)
             assert not adv[i, len(ret):].any()  # padding stays 0
     rewards = [0.5 * (float(r.teacher_logprobs[i, t]) - float(r.sampled_logprobs[i, t]))
                for r in rollouts for i in range(3) for t in range(int(r.completion_mask[i].sum()))]
+    rewards = [max(-clip, min(clip, v)) if clip else v for v in rewards]
     assert token_reward_mean == pytest.approx(sum(rewards) / len(rewards), rel=1e-5)
 
 
@@ -284,3 +289,68 @@ def test_lmbda_schedule_through_the_trainer(tmp_path):
         GKDConfig(student="s", teacher="t", lmbda_schedule="linear")
     with pytest.raises(ConfigError, match="apply to algorithm=gkd"):
         GKDConfig(student="s", teacher="t", algorithm="minillm", off_policy_warmup_steps=2)
+
+
+def test_final_token_advantage_of_the_paper_form_is_the_same_for_every_sequence():
+    """Why the lmops preset includes r_t: in the paper's form the return after the last token is empty
+    (0), so after whitening every sequence's last token gets the same advantage −μ/σ, whatever its
+    quality. Including r_t in the return makes the last token's advantage its own reward."""
+    g = torch.Generator().manual_seed(5)
+    rollouts = [_rollout(g, [3, 5, 4, 6], False)]
+    kw = dict(alpha=1.0, reward_scale=1.0, gamma=1.0, length_normalized=True, whiten_advantages=True)
+    last = rollouts[0].last_token_index
+    (paper,), _ = minillm_advantages(rollouts, include_current=False, **kw)
+    finals = paper.gather(1, last[:, None]).squeeze(1)
+    assert torch.allclose(finals, finals[0].expand_as(finals))
+    (lmops,), _ = minillm_advantages(rollouts, include_current=True, **kw)
+    assert lmops.gather(1, last[:, None]).squeeze(1).unique().numel() == 4
+
+
+def test_minillm_presets_fill_the_fields_left_at_their_defaults():
+    from gkd.config import MINILLM_PRESETS
+
+    lmops = GKDConfig(algorithm="minillm", student="s", teacher="t", minillm_preset="lmops", gamma=0.9)
+    assert lmops.gamma == 0.9  # set explicitly: wins
+    for name in ("include_current_reward", "reward_scale", "reward_clip", "learning_rate", "adam_beta2", "weight_decay",
+                 "single_step_weighted", "lm_kd_weight"):
+        assert getattr(lmops, name) == MINILLM_PRESETS["lmops"][name], name
+    assert lmops.lm_coef == 0.0  # no lm_dataset: no LM loss
+    assert GKDConfig(algorithm="minillm", student="s", teacher="t", minillm_preset="lmops", lm_dataset="x.jsonl").lm_coef == 1
+    paper = GKDConfig(algorithm="minillm", student="s", teacher="t", minillm_preset="paper")
+    assert paper.single_step_weighted and paper.gamma == 1.0 and not paper.include_current_reward
+    with pytest.raises(ConfigError, match="applies to algorithm=minillm"):
+        GKDConfig(student="s", teacher="t", minillm_preset="lmops")
+    with pytest.raises(ConfigError, match="minillm_preset='ppo' is not valid"):
+        GKDConfig(algorithm="minillm", student="s", teacher="t", minillm_preset="ppo")
+
+
+def test_lm_loss_with_kd_weight_equals_ce_plus_kl_by_hand(tokenizer, tmp_path):
+    """lm_kd_weight = w: per token (1−w)·CE + w·KL(teacher‖student), against float64 unpadded forwards."""
+    import copy
+
+    from conftest import tiny_model
+
+    from gkd.data import reference_rollout
+    from gkd.trainer import GKDTrainer
+
+    student, teacher = tiny_model(tokenizer, seed=1), tiny_model(tokenizer, hidden=64, seed=2)
+    s64, t64 = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    lm = [{"text": "<bos>12+34=6400"}, {"text": "<bos>5+6=11"}]
+    cfg = GKDConfig(algorithm="minillm", teacher="t", student="s", num_train_examples=64, max_new_tokens=12,
+                    num_rollouts=2, per_device_batch_size=2, max_steps=1, lm_coef=1.0, lm_kd_weight=0.5,
+                    lm_dataset="given", output_dir=str(tmp_path / "run"), progress_bar=False)
+    trainer = GKDTrainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, lm_rows=lm)
+    batch = next(trainer.parts.lm_batches)
+    rollout = reference_rollout(batch)
+    with torch.no_grad():
+        got = trainer.algorithm.lm_loss(rollout)
+    bos = tokenizer.bos_token_id
+    for i, row in enumerate(batch["rows"]):
+        ids = tokenizer(row["completion"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        seq = torch.tensor([[bos, *ids]])
+        with torch.no_grad():
+            ls = torch.log_softmax(s64(seq).logits[0, :-1], -1)
+            lt = torch.log_softmax(t64(seq).logits[0, :-1], -1)
+        ce = -ls.gather(-1, torch.tensor(ids)[:, None])[:, 0]
+        kl = (lt.exp() * (lt - ls)).sum(-1)
+        torch.testing.assert_close(got[i, : len(ids)].double(), 0.5 * ce + 0.5 * kl, rtol=1e-4, atol=1e-5)

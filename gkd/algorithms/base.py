@@ -23,7 +23,7 @@ from gkd.reporting import Reporter, Timers
 from gkd.rewards import RewardFunctions
 from gkd.rollout import Rollout
 from gkd.sampling import RolloutSampler
-from gkd.scorer import completion_logits
+from gkd.scorer import completion_logits, score
 from gkd.update import LossOutput, Updater
 
 if TYPE_CHECKING:
@@ -127,9 +127,15 @@ class Algorithm(ABC):
                                            logged={"loss_temperature": self.loss_temperature})
 
     def lm_loss(self, rollout: Rollout) -> torch.Tensor:
-        """Per-token cross-entropy on an LM-dataset batch (MiniLLM's language-modelling loss L_PT)."""
+        """Per-token loss on an LM-dataset batch (MiniLLM's language-modelling loss L_PT): cross-entropy,
+        or with ``lm_kd_weight = w`` ``(1−w)·CE + w·KL(teacher‖student)`` (classic KD on that data)."""
         logits = completion_logits(self.parts.student, rollout, self.parts.vocab_size)
-        return kd_per_token(logits, None, rollout.completion_ids, kd_weight=0.0)
+        w = self.config.lm_kd_weight
+        if w == 0 or self.parts.teacher is None:
+            return kd_per_token(logits, None, rollout.completion_ids, kd_weight=0.0)
+        with torch.no_grad():
+            teacher = score(self.parts.teacher, rollout, self.parts.vocab_size).teacher_logits
+        return kd_per_token(logits, teacher, rollout.completion_ids, kd_weight=w)
 
     def sample_stats(self, rollouts: list[Rollout]) -> dict[str, float]:
         """Collapse signs of the student's samples of a step, over all ranks (:func:`gkd.evaluate.sequence_stats`):

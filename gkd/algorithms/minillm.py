@@ -80,10 +80,10 @@ class MiniLLMBuffer:
 def minillm_advantages(rollouts: list[Rollout], *, alpha: float, reward_scale: float, gamma: float,
                        include_current: bool, length_normalized: bool, whiten_advantages: bool,
                        all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
-                       ) -> tuple[list[torch.Tensor], float]:
+                       reward_clip: float = 0.0) -> tuple[list[torch.Tensor], float]:
     """Per-token advantages ``(B, L)`` of each rollout and the mean token reward of the buffer.
 
-    ``r_t = reward_scale·(log p(y_t) − log q_old(y_t))``; the total per-token reward is ``α·r_t`` plus
+    ``r_t = reward_scale·(log p(y_t) − log q_old(y_t))`` (clipped to ``±reward_clip`` when > 0); the total per-token reward is ``α·r_t`` plus
     ``(1−α)·`` the user reward at the final token (when rewards were scored and α < 1); the advantage
     is its return (MiniLLM eq. 6: length-normalised, discount ``gamma``, ``include_current``),
     whitened over the whole buffer (all ranks when ``all_reduce_sum`` sums over them). The mean of
@@ -94,6 +94,8 @@ def minillm_advantages(rollouts: list[Rollout], *, alpha: float, reward_scale: f
     for r in rollouts:
         mask = r.completion_mask
         kl_reward = minillm_rewards(r.teacher_logprobs, r.sampled_logprobs, mask, reward_scale)  # type: ignore[arg-type]
+        if reward_clip > 0:
+            kl_reward = kl_reward.clamp(-reward_clip, reward_clip)
         token_reward_sum += kl_reward.sum().cpu()
         tokens += mask.sum().cpu()
         total = alpha * kl_reward
@@ -180,7 +182,8 @@ class MiniLLM(Algorithm):
             advantages, token_reward_mean = minillm_advantages(
                 rollouts, alpha=cfg.alpha, reward_scale=cfg.reward_scale, gamma=cfg.gamma,
                 include_current=cfg.include_current_reward, length_normalized=cfg.length_normalization,
-                whiten_advantages=cfg.whiten_advantages, all_reduce_sum=distributed.all_reduce_sum)
+                whiten_advantages=cfg.whiten_advantages, all_reduce_sum=distributed.all_reduce_sum,
+                reward_clip=cfg.reward_clip)
             for r, a in zip(rollouts, advantages, strict=True):
                 r.advantages = a
             shared["token_reward_mean"] = token_reward_mean
