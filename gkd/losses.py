@@ -519,6 +519,16 @@ def ppo_clipped_loss(
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps))
 
 
+def ppo_clipped_share(
+    logprobs: torch.Tensor, mixed_logprobs: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.2
+) -> torch.Tensor:
+    """Per token 1.0 where :func:`ppo_clipped_loss` takes its clipped branch (no gradient flows), else 0:
+    the mean over tokens is PPO's clip fraction."""
+    ratio = torch.exp(logprobs.detach().float() - mixed_logprobs.float())
+    adv = advantages.float()
+    return (-adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) > -adv * ratio).float()
+
+
 def importance_weights(old_logprobs: torch.Tensor, mixed_logprobs: torch.Tensor) -> torch.Tensor:
     """``w_t = q_old(y_t)/p̃(y_t)`` (MiniLLM eq. 5, single-step approximation)."""
     return torch.exp(old_logprobs.float() - mixed_logprobs.float())

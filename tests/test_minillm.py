@@ -15,6 +15,7 @@ from gkd.losses import (
     minillm_rewards,
     policy_gradient_loss,
     ppo_clipped_loss,
+    ppo_clipped_share,
     single_step_reverse_kl,
     whiten,
 )
@@ -354,6 +355,18 @@ def test_ppo_clipped_loss_matches_brute_force():
             a = float(adv[b, t])
             want = max(-a * rho, -a * min(max(rho, 0.8), 1.2))
             assert math.isclose(float(got[b, t]), want, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_clip_fraction_marks_the_tokens_without_gradient():
+    """1 exactly where the clipped branch wins, i.e. where autograd gives the token no gradient."""
+    g = torch.Generator().manual_seed(4)
+    logq = (torch.randn(4, 6, generator=g) * 0.4 - 1.0).requires_grad_()
+    logmix = torch.randn(4, 6, generator=g) * 0.4 - 1.0
+    adv = torch.randn(4, 6, generator=g)
+    ppo_clipped_loss(logq, logmix, adv, clip_eps=0.2).sum().backward()
+    share = ppo_clipped_share(logq, logmix, adv, clip_eps=0.2)
+    assert 0 < share.sum() < share.numel()  # both kinds of tokens occur
+    assert torch.equal(share.bool(), logq.grad == 0)
 
 
 def test_ratio_factorises_into_policy_ratio_times_importance_weight():

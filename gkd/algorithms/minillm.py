@@ -38,6 +38,7 @@ from gkd.losses import (
     minillm_returns,
     minillm_rewards,
     ppo_clipped_loss,
+    ppo_clipped_share,
     single_step_reverse_kl,
     token_logprobs,
     whiten,
@@ -238,7 +239,7 @@ class MiniLLM(Algorithm):
                 single = single_step_reverse_kl(z, flat_teacher[rows], weights=weights, temperature=tau)
                 ratio = torch.exp(logq.detach() - sampled[rows])
                 out = {"loss": pg + cfg.alpha * cfg.single_step_coef * single, "pg": pg, "single_step": single,
-                       "ratio": ratio}
+                       "ratio": ratio, "clip_frac": ppo_clipped_share(logq, mixed[rows], adv[rows], cfg.clip_eps)}
                 if logit_terms is not None:  # extra weighted objectives ride along with MiniLLM's own loss
                     extra, terms = logit_terms(z, rows)
                     out["loss"] = out["loss"] + extra
