@@ -86,9 +86,10 @@ class Reporter:
                     n: int = 2) -> None:
         """A few completions of the current step (``source``: the student's own samples, the dataset's
         references or the teacher's samples, by the kind of step) with the teacher's mean token log-prob."""
+        # every process scores (under ZeRO-3 a teacher forward is a collective); the main one writes
+        teacher_logits = score(teacher, rollout, len(tokenizer)).teacher_logits if teacher is not None else None
         if not self.acc.is_main_process:
             return
-        teacher_logits = score(teacher, rollout, len(tokenizer)).teacher_logits if teacher is not None else None
         with (self.output_dir / "samples.jsonl").open("a") as fh:
             for i in range(min(n, rollout.completion_ids.shape[0])):
                 mask = rollout.completion_mask[i]

@@ -31,7 +31,7 @@ def test_a_second_run_into_the_same_output_dir_is_refused_or_overwritten(tmp_pat
     capsys.readouterr()
     assert main(["train", TINY, f"output_dir={out}", "max_steps=2", *QUIET]) == 2
     err = _last_err(capsys)
-    assert "already holds a run (metrics.jsonl)" in err and "resume_from_checkpoint=latest" in err
+    assert "already holds a run (" in err and "metrics.jsonl" in err and "resume_from_checkpoint=latest" in err
     assert "overwrite_output_dir=true" in err and len(_metrics(out)) == 3  # nothing touched
     assert main(["train", TINY, f"output_dir={out}", "max_steps=2", "overwrite_output_dir=true", *QUIET]) == 0
     assert [r["step"] for r in _metrics(out)] == [1, 2]  # one run's lines, not two runs piled up

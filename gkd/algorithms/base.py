@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 __all__ = ["Algorithm", "RunParts"]
 
 
+def _power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
 @dataclass
 class RunParts:
     """What an algorithm works with; built once by :class:`gkd.trainer.GKDTrainer`."""
@@ -149,5 +155,6 @@ class Algorithm(ABC):
 
     def maybe_log_samples(self, rollout: Rollout) -> None:
         cfg, parts = self.config, self.parts
-        if cfg.log_samples_steps and self.step % cfg.log_samples_steps == 0:
+        every = cfg.log_samples_steps
+        if (every > 0 and self.step % every == 0) or (every < 0 and _power_of_ten(self.step)):
             parts.reporter.log_samples(self.step, rollout, parts.tokenizer, parts.teacher)
