@@ -81,6 +81,9 @@ def test_gkd_on_the_pruned_student_resumes_exactly_and_evaluates(tmp_path, teach
     assert report["reference"] == "teacher greedy" and report["teacher"] == NAME
     (student,) = [r for r in report["results"] if r["model"] == "student"]
     assert 0 <= student["rouge_l"] <= 1 and student["forward_kl"] > 0 and student["reverse_kl"] > 0
+    assert student["teacher_forced_forward_kl"] > 0 and student["teacher_forced_reverse_kl"] > 0
+    (teacher,) = [r for r in report["results"] if r["model"] == "teacher"]
+    assert teacher["rouge_l"] is None and 0 < teacher["distinct_2"] <= 1  # comparable collapse signs, no self-Rouge
     assert "against the teacher greedy answers" in capsys.readouterr().out
 
 
