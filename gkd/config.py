@@ -160,6 +160,7 @@ class GKDConfig:
     output_dir: str = _f("runs/gkd", "Where metrics.jsonl, config.yaml, checkpoints and the final model go.")
     logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
     report_to: list[str] = _f(["none"], "Trackers besides metrics.jsonl, through accelerate: tensorboard, wandb, or none.")
+    term_grad_norm_steps: int = _f(0, "Every N steps, log the gradient norm of each loss term on its own (grad_norm_<term>: the norm of d(weight × term's token mean)/dθ on the first micro-batch of the main process, e.g. MiniLLM's pg vs single_step vs lm; grad_norm_loss for their sum): which term drives the update. Costs one unchunked forward and one backward per term on those steps; not under DeepSpeed or fused_lm_head. 0: never.")
     log_samples_steps: int = _f(-1, "Every N steps, log a few of the step's completions with their teacher log-prob to the log and samples.jsonl; -1 (default): at steps 1, 10, 100, 1000, … (a look at the samples early, when a collapse starts); 0: never. `source` says whose: the student's own (on-policy steps), the dataset's references or the teacher's samples (seq_kd).")
     eval_steps: int = _f(0, "Every N optimizer steps and after the last one, evaluate the student greedily on eval_prompts held-out prompts (the dataset's validation part: builtin:addition's held-out problems, or validation_size rows): eval_accuracy (task checker, else exact match with the reference), eval_rouge_l (with references), eval_forward_kl / eval_reverse_kl against the teacher on the student's own completions, eval_len. 0: never.")
     eval_prompts: int = _f(128, "eval_steps: held-out prompts per evaluation, split evenly across processes.")
@@ -199,6 +200,7 @@ class GKDConfig:
             (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
             (self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)"),
             (self.logging_steps > 0, "logging_steps", "must be > 0"),
+            (self.term_grad_norm_steps >= 0, "term_grad_norm_steps", "must be >= 0 (0: never)"),
             (self.log_samples_steps >= -1, "log_samples_steps", "must be >= 0, or -1 (steps 1, 10, 100, …)"),
             (self.save_steps >= 0, "save_steps", "must be >= 0"),
             (self.eval_steps >= 0, "eval_steps", "must be >= 0 (0: never)"),

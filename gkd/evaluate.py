@@ -33,7 +33,7 @@ from gkd.rewards import RewardFn, RewardFunctions
 from gkd.rollout import SamplingParams, sample
 from gkd.scorer import check_tokenizers_match, completion_logits
 
-__all__ = ["DECODINGS", "EvalResult", "eval_shard", "evaluate", "evaluate_in_training", "sequence_stats", "teacher_forced_kl", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
+__all__ = ["DECODINGS", "EvalResult", "eval_shard", "evaluate", "evaluate_in_training", "model_completions", "sequence_stats", "teacher_forced_kl", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
            "write_report"]
 
 #: Decoding modes: ``greedy`` (argmax) or ``sample`` (temperature / top-p / top-k, seeded).
@@ -221,19 +221,30 @@ def evaluate(
     )
 
 
-@torch.no_grad()
 def greedy_completions(model: torch.nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int,
                        max_prompt_length: int, batch_size: int) -> list[str]:
     """``model``'s greedy answer to each row's prompt (the reference of prompt-only rows in ``gkd eval``)."""
+    return model_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens,
+                             max_prompt_length=max_prompt_length, batch_size=batch_size)
+
+
+@torch.no_grad()
+def model_completions(model: torch.nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int,
+                      max_prompt_length: int, batch_size: int, do_sample: bool = False, temperature: float = 1.0,
+                      seed: int = 0) -> list[str]:
+    """``model``'s answer to each row's prompt: greedy, or sampled at ``temperature`` with a generator
+    seeded by ``seed`` (the same seed gives the same answers for the same batch size)."""
     device = next(model.parameters()).device
     dataset = PromptDataset([dict(r) for r in rows], tokenizer, max_prompt_length=max_prompt_length,
                             max_new_tokens=max_new_tokens)
-    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
+    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature)
+    generator = torch.Generator(device).manual_seed(seed) if do_sample else None
     out: list[str] = []
     for start in range(0, len(rows), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(rows)))], tokenizer.pad_token_id)
         r = sample(model, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), params,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                   generator=generator)
         ids = [r.completion_ids[i][r.completion_mask[i]].tolist() for i in range(r.completion_ids.shape[0])]
         out.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
     return out

@@ -94,11 +94,18 @@ class Updater:
     def optimize(self, rollouts: list[Rollout], loss_fn: Callable[[Rollout], LossOutput],
                  lm_rollouts: list[Rollout] | None = None,
                  lm_loss: Callable[[Rollout], torch.Tensor] | None = None,
-                 logged: dict[str, float] | None = None) -> dict[str, float]:
+                 logged: dict[str, float] | None = None,
+                 term_weights: Callable[[Rollout], dict[str, float]] | None = None) -> dict[str, float]:
         """One optimizer step over ``rollouts`` (one per accumulation micro-batch); ``lm_rollouts`` (one
         per micro-batch) add ``lm_coef × lm_loss`` normalised by their own global token count.
-        ``logged``: values of this step to log with its metrics (e.g. ``loss_temperature``)."""
+        ``logged``: values of this step to log with its metrics (e.g. ``loss_temperature``).
+        ``term_weights``: the loss's terms and weights, for ``term_grad_norm_steps``."""
         cfg, acc = self.cfg, self.acc
+        every = cfg.term_grad_norm_steps
+        if every > 0 and (self.step + 1) % every == 0 and term_weights is not None:
+            logged = {**(logged or {}), **self.term_grad_norms(
+                rollouts[0], loss_fn, term_weights(rollouts[0]),
+                lm_rollouts[0] if lm_rollouts is not None else None, lm_loss)}
         norm = global_token_count(rollouts, cfg.reduction)
         if lm_rollouts is not None:
             lm_norm = global_token_count(lm_rollouts, cfg.reduction)
@@ -154,6 +161,48 @@ class Updater:
             metrics["grad_norm"] = float(grad_norm)
         self._count_skips(cause, metrics)
         return metrics
+
+    def term_grad_norms(self, rollout: Rollout, loss_fn: Callable[[Rollout], LossOutput], weights: dict[str, float],
+                        lm_rollout: Rollout | None = None,
+                        lm_loss: Callable[[Rollout], torch.Tensor] | None = None) -> dict[str, float]:
+        """``grad_norm_<term>``: ‖d(weight × token mean of the term over ``rollout``)/dθ‖ for each term
+        of the loss on its own (``grad_norm_loss``: their sum; ``grad_norm_lm``: ``lm_coef`` × the LM
+        loss), from this process's micro-batch, before the step. Runs the loss unchunked (the chunked
+        path forms only the sum's gradient) outside the step: no gradient is kept, and the random
+        streams are restored, so training is unchanged."""
+        cfg, acc = self.cfg, self.acc
+        if distributed.zero_stage(acc) > 0 or cfg.fused_lm_head:
+            if not getattr(self, "_warned_term_norms", False):
+                logger.warning("term_grad_norm_steps: per-term gradient norms are not computed under DeepSpeed or "
+                               "with fused_lm_head (parameters sharded / logits never materialised)")
+                self._warned_term_norms = True
+            return {}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        cuda = [acc.device] if acc.device.type == "cuda" else []
+        chunk = cfg.loss_chunk_size
+        result: dict[str, float] = {}
+
+        def norm_of(value: torch.Tensor) -> float:
+            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            return math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+
+        with torch.random.fork_rng(devices=cuda), acc.no_sync(self.model):
+            try:
+                cfg.loss_chunk_size = 0
+                out = loss_fn(rollout)
+            finally:
+                cfg.loss_chunk_size = chunk
+            count = masked_sum_and_count(out.terms["loss"], rollout.completion_mask, cfg.reduction)[1].clamp(min=1.0)
+            for name, weight in {**weights, "loss": 1.0}.items():
+                term = out.terms.get(name)
+                if term is None or not term.requires_grad:
+                    continue
+                total = masked_sum_and_count(term, rollout.completion_mask, cfg.reduction)[0]
+                result[f"grad_norm_{name}"] = norm_of(weight * total / count.to(total.device))
+            if lm_rollout is not None and lm_loss is not None:
+                total, n = masked_sum_and_count(lm_loss(lm_rollout), lm_rollout.completion_mask, cfg.reduction)
+                result["grad_norm_lm"] = norm_of(cfg.lm_coef * total / n.clamp(min=1.0))
+        return result
 
     def _count_skips(self, cause: str | None, metrics: dict[str, float]) -> None:
         """Skipped steps are counted; ``max_consecutive_skips`` in a row stop the run."""

@@ -92,6 +92,11 @@ class Algorithm(ABC):
     def loss(self, rollout: Rollout) -> LossOutput:
         """The per-token loss of one micro-batch (``terms["loss"]``) and what to log beside it."""
 
+    def term_weights(self, rollout: Rollout) -> dict[str, float]:
+        """The per-token terms of :meth:`loss` by name, with the weight each enters ``terms["loss"]``
+        with (``term_grad_norm_steps``: each term's gradient norm is logged on its own)."""
+        return {}
+
     def settings(self) -> str:
         """The algorithm's main knobs, one line, for the model card."""
         return ""
@@ -130,7 +135,8 @@ class Algorithm(ABC):
         lm_rollouts = [reference_rollout(next(lm)) for _ in rollouts] if lm is not None else None
         # τ of this step, read before the step count advances
         return self.parts.updater.optimize(rollouts, self.loss, lm_rollouts, self.lm_loss,
-                                           logged={"loss_temperature": self.loss_temperature})
+                                           logged={"loss_temperature": self.loss_temperature},
+                                           term_weights=self.term_weights)
 
     def lm_loss(self, rollout: Rollout) -> torch.Tensor:
         """Per-token loss on an LM-dataset batch (MiniLLM's language-modelling loss L_PT): cross-entropy,

@@ -149,6 +149,13 @@ class GKD(Algorithm):
         for r, a in zip(rollouts, advantages, strict=True):
             r.advantages = a
 
+    def term_weights(self, rollout: Rollout) -> dict[str, float]:
+        """``divergence`` (α·Σ_i w_i·D_i) and, with the reward term, ``reward_pg`` ((1−α)·pg)."""
+        cfg = self.config
+        if cfg.alpha < 1.0 and rollout.on_policy and rollout.advantages is not None:
+            return {"divergence": cfg.alpha, "reward_pg": 1.0 - cfg.alpha}
+        return {"divergence": 1.0}
+
     def loss(self, rollout: Rollout) -> LossOutput:
         """Per token ``α·Σ_i w_i·D_i + (1−α)·(−A·log q_θ(y_t))`` (Algorithm 1, eq. 5)."""
         cfg, parts = self.config, self.parts

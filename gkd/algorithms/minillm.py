@@ -216,6 +216,10 @@ class MiniLLM(Algorithm):
                 if self.buffer is None:
                     return
 
+    def term_weights(self, rollout: Rollout) -> dict[str, float]:
+        """``pg`` (the PPO-clipped long-term term, weight 1) and ``single_step`` (α × single_step_coef)."""
+        return {"pg": 1.0, "single_step": self.config.alpha * self.config.single_step_coef}
+
     def loss(self, rollout: Rollout) -> LossOutput:
         """Per token: PPO-clipped long-term term + α·single-step reverse KL (eq. 7), plus any extra
         weighted ``objectives``."""
