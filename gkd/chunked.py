@@ -25,7 +25,7 @@ import torch
 
 from gkd.losses import TeacherTopK
 
-__all__ = ["ChunkFn", "chunked_loss", "teacher_topk", "token_weights"]
+__all__ = ["ChunkFn", "chunked_loss", "teacher_topk", "teacher_topk_and_targets", "token_weights"]
 
 #: ``fn(logits_chunk (n, V), rows) -> {name: (n,) per-token values}``; ``"loss"`` is differentiated;
 #: ``rows`` indexes the flattened batch (a LongTensor, or ``slice(None)`` on the unchunked path).
@@ -135,19 +135,42 @@ def teacher_topk(
     Input is ``(N, V)`` logits, or ``(N, H)`` final hidden states with the teacher's ``head`` module
     (so full teacher logits never exist). Exact: with ``k >= V`` the tail is empty (log 0 → -inf,
     stored as a large negative number)."""
+    return teacher_topk_and_targets(hidden_or_logits, k, None, head=head, vocab_size=vocab_size,
+                                    temperature=temperature, chunk_size=chunk_size)[0]
+
+
+@torch.no_grad()
+def teacher_topk_and_targets(
+    hidden_or_logits: torch.Tensor,
+    k: int,
+    targets: torch.Tensor | None,
+    *,
+    head: torch.nn.Module | None = None,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[TeacherTopK, torch.Tensor | None]:
+    """:func:`teacher_topk`, plus (with ``targets``, ``(N,)`` token ids) each target's log-prob under the
+    unprocessed teacher (temperature 1: MiniLLM's reward ``log p(y_t)``), from the same chunks."""
     n = hidden_or_logits.shape[0]
-    indices, logprobs, tails = [], [], []
+    indices, logprobs, tails, picked = [], [], [], []
     for start in range(0, n, chunk_size):
         x = hidden_or_logits[start : start + chunk_size]
         logits = head(x) if head is not None else x
         if vocab_size is not None:
             logits = logits[..., :vocab_size]
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logits = logits.float()
+        logp = torch.log_softmax(logits / temperature, dim=-1)
         kk = min(k, logp.shape[-1])
         top, idx = logp.topk(kk, dim=-1)
         rest = logp.scatter(-1, idx, float("-inf"))
         tails.append(torch.logsumexp(rest, dim=-1).clamp(min=TeacherTopK.LOG_ZERO))
         indices.append(idx)
         logprobs.append(top)
+        if targets is not None:
+            raw = logp if temperature == 1.0 else torch.log_softmax(logits, dim=-1)
+            picked.append(raw.gather(-1, targets[start : start + chunk_size, None].to(raw.device)).squeeze(-1))
+            del raw
         del logits, logp, rest
-    return TeacherTopK(torch.cat(indices), torch.cat(logprobs), torch.cat(tails))
+    token_logprobs = torch.cat(picked) if targets is not None else None
+    return TeacherTopK(torch.cat(indices), torch.cat(logprobs), torch.cat(tails)), token_logprobs

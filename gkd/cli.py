@@ -1,4 +1,5 @@
-"""Command line: ``gkd train RECIPE [key=value ...]``, ``gkd eval --model PATH`` and ``gkd demo``.
+"""Command line: ``gkd train RECIPE [key=value ...]``, ``gkd eval --model PATH``, ``gkd demo`` and
+``gkd serve-teacher MODEL``.
 
 Works as a console script and under ``accelerate launch -m gkd.cli train RECIPE ...``.
 """
@@ -110,6 +111,36 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_teacher(args: argparse.Namespace) -> int:
+    import os
+
+    from gkd.errors import InputError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise InputError("serve-teacher needs FastAPI and uvicorn: pip install 'gkd[serve]'") from None
+    from gkd.serving.server import ServerLimits, serve
+
+    api_key = os.environ.get(args.api_key_env) or None
+    if args.require_api_key and not api_key:
+        raise InputError(f"--require-api-key: the environment variable {args.api_key_env} is empty or unset")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"gkd serve-teacher: warning: listening on {args.host} without a bearer token; anyone who can reach "
+              f"this port can use the teacher (set {args.api_key_env})", file=sys.stderr)
+    limits = ServerLimits()
+    for name in ("max_batch_size", "max_sequence_length", "max_batch_tokens", "chunk_tokens"):
+        value = getattr(args, name)
+        if value is not None:
+            if value <= 0:
+                raise InputError(f"--{name.replace('_', '-')}={value} must be > 0")
+            setattr(limits, name, value)
+    serve(args.model, host=args.host, port=args.port, api_key=api_key, dtype=args.dtype, device=args.device,
+          limits=limits)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gkd", description="On-policy knowledge distillation for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true",
                       help="no progress bars (they are shown only on a terminal anyway)")
     demo.set_defaults(func=_demo)
+
+    srv = sub.add_parser(
+        "serve-teacher", help="serve a teacher over HTTP for `teacher: http://host:port` recipes",
+        description="Loads MODEL once and scores batches of token ids: per completion position the teacher's "
+                    "top-k log-probs with a tail bucket and the log-prob of the token in the sequence. Binds to "
+                    "127.0.0.1 unless --host says otherwise; a bearer token is required when the variable named by "
+                    "--api-key-env is set.")
+    srv.add_argument("model", help="teacher: folder, .gguf file, hub id, builtin:smollm2-135m-instruct, builtin:tiny-teacher")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--api-key-env", default="GKD_TEACHER_API_KEY",
+                     help="environment variable holding the bearer token (default GKD_TEACHER_API_KEY; unset: no token)")
+    srv.add_argument("--require-api-key", action="store_true", help="refuse to start without a token")
+    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    srv.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    srv.add_argument("--max-batch-size", type=int, help="sequences per request (default 256)")
+    srv.add_argument("--max-sequence-length", type=int, help="tokens per sequence (default 8192, capped by the model)")
+    srv.add_argument("--max-batch-tokens", type=int, help="tokens per request (default 262144)")
+    srv.add_argument("--chunk-tokens", type=int, help="padded tokens per teacher forward (default 16384)")
+    srv.set_defaults(func=_serve_teacher)
     return parser
 
 

@@ -1,0 +1,2 @@
+"""The teacher out of process: ``gkd serve-teacher`` (:mod:`gkd.serving.server`) and its wire format
+(:mod:`gkd.serving.protocol`)."""
