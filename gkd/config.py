@@ -67,6 +67,8 @@ class GKDConfig:
     max_response_length: int = _f(0, "Length filter: drop rows whose reference response is longer than this many tokens (0: keep all; longer references are cut at max_new_tokens). Prompts over max_prompt_length are dropped with long_prompts=skip. Counts are logged.")
     teacher_quantization: str = _f("none", "Load the teacher in 8bit or 4bit through bitsandbytes (needs a GPU and `pip install bitsandbytes`): none | 8bit | 4bit.")
     teacher_dtype: str = _f("auto", "Teacher weights dtype: auto | float32 | bfloat16 | float16.")
+    teacher_timeout: float = _f(600.0, "teacher: http://…: seconds a scoring request may take, retries included (a lost connection or a restarting server is retried with backoff meanwhile); then the run stops with the reason.")
+    teacher_api_key_env: str = _f("GKD_TEACHER_API_KEY", "teacher: http://…: environment variable holding the server's bearer token (unset: none sent).")
     student_dtype: str = _f("float32", "Student weights dtype: float32 | bfloat16 | float16 (use mixed_precision for AMP).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model folders.")
     lora_r: int = _f(0, "LoRA rank of the student's adapters (peft); 0 trains all weights.")
@@ -288,6 +290,7 @@ class GKDConfig:
                               "teacher's distribution at every token; use rollout_backend: hf")
         if self.algorithm == "minillm" and self.is_pure_sft:
             raise ConfigError("algorithm=minillm needs a teacher")
+        self._check_served_teacher()
         if not self.teacher and not self.is_pure_sft:
             raise ConfigError(
                 "teacher is required (only pure SFT, i.e. divergence=kd with kd_weight=0 and lmbda=0, runs without one)"
@@ -310,6 +313,31 @@ class GKDConfig:
     def student_source_name(self) -> str | None:
         """``student_init``'s ``from`` (teacher | student | a path), or ``None`` without student_init."""
         return str(self.student_init.get("from", "teacher")) if self.student_init else None
+
+    def _check_served_teacher(self) -> None:
+        """``teacher: http://…`` (``gkd serve-teacher``) scores token ids; what needs more is refused here."""
+        if not (isinstance(self.teacher, str) and self.teacher.startswith(("http://", "https://"))):
+            return
+        served = f"teacher={self.teacher} (a served teacher)"
+        if not self.teacher_topk:
+            raise ConfigError(f"{served} sends the top-k of its distribution: set teacher_topk (e.g. 64; exact when "
+                              "k is the vocabulary size)")
+        if self.seq_kd:
+            raise ConfigError(f"{served} scores but does not generate: seq_kd needs a local teacher")
+        if self.algorithm == "minillm" and self.teacher_mix > 0:
+            raise ConfigError(f"{served}: teacher-mixed sampling needs the teacher's distribution before every token; "
+                              "set teacher_mix: 0 (the student samples, the server scores) or use a local teacher")
+        if self.lm_coef > 0 and self.lm_kd_weight > 0:
+            raise ConfigError(f"{served}: lm_kd_weight needs the teacher's full distribution on lm_dataset; set "
+                              "lm_kd_weight: 0 or use a local teacher")
+        if self.student_source_name == "teacher":
+            raise ConfigError(f"{served}: student_init cannot take layers from a model behind a URL; point "
+                              "student_init's from: at a local copy")
+        if self.teacher_quantization != "none" or self.teacher_gguf_file:
+            raise ConfigError(f"{served}: teacher_quantization / teacher_gguf_file apply to the server's model "
+                              "(give them to gkd serve-teacher)")
+        if self.teacher_timeout <= 0:
+            raise ConfigError(f"teacher_timeout={self.teacher_timeout} must be > 0")
 
     def _check_student_init(self) -> None:
         init = self.student_init

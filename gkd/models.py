@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from gkd import distributed
 from gkd.errors import ConfigError, InputError
 from gkd.scorer import check_tokenizers_match, lm_head, output_vocab_size
+from gkd.serving.client import RemoteTeacher, is_remote_teacher
 from gkd.task import cache_dir, resolve_model_path
 
 if TYPE_CHECKING:
@@ -321,6 +322,9 @@ def load_models(cfg: GKDConfig, acc: Accelerator, student: torch.nn.Module | Non
     student in LoRA adapters (``lora_r > 0``) and checks the LM head where ``fused_lm_head`` /
     ``teacher_topk`` multiply by it themselves. The teacher is ``None`` for pure SFT."""
     need_teacher = teacher is None and not cfg.is_pure_sft
+    if need_teacher and is_remote_teacher(cfg.teacher):  # gkd serve-teacher: connected below, nothing to load
+        teacher, need_teacher = RemoteTeacher.from_config(cfg.teacher, cfg.teacher_api_key_env,  # type: ignore[arg-type]
+                                                          cfg.teacher_timeout), False
     if student is not None and cfg.student_init:
         raise ConfigError("student_init makes the student from another model; drop it when passing student=")
     # one process fills the caches first (built-in and converted models, the pruned student, tokenizer files)
@@ -336,8 +340,10 @@ def load_models(cfg: GKDConfig, acc: Accelerator, student: torch.nn.Module | Non
     if teacher_path is not None:
         teacher = load_model(teacher_path, cfg.teacher_dtype, cfg.trust_remote_code, cfg.teacher_quantization)
     vocab_size = len(tokenizer)
+    if isinstance(teacher, RemoteTeacher):
+        teacher.connect(tokenizer)  # refuses a server with another tokenizer
     for name, model in (("student", student), ("teacher", teacher)):
-        if model is not None and output_vocab_size(model) < vocab_size:
+        if isinstance(model, torch.nn.Module) and output_vocab_size(model) < vocab_size:
             raise InputError(f"{name} has {output_vocab_size(model)} output rows but the tokenizer has {vocab_size} tokens: "
                              "the tokenizer is not this model's (load the model's own tokenizer folder)")
     if cfg.lora_r > 0:
@@ -347,7 +353,7 @@ def load_models(cfg: GKDConfig, acc: Accelerator, student: torch.nn.Module | Non
             raise ConfigError("fused_lm_head is not supported under ZeRO-3 (the head weight is sharded); use "
                               "loss_chunk_size alone, which bounds the loss's memory the same way")
         lm_head(student)  # a plain bias-free head, or a clear error now rather than at the first step
-    if cfg.teacher_topk and teacher is not None:
+    if cfg.teacher_topk and isinstance(teacher, torch.nn.Module):
         lm_head(teacher)
     return tokenizer, student, teacher
 
@@ -361,7 +367,7 @@ def finish_models(cfg: GKDConfig, student: torch.nn.Module, teacher: torch.nn.Mo
         enable()
         if cfg.lora_r > 0:
             student.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
-    if teacher is not None:
+    if isinstance(teacher, torch.nn.Module):
         disable_dropout(teacher)
         teacher.requires_grad_(False).eval()
 

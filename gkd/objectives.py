@@ -224,7 +224,9 @@ def setup_objectives(cfg: GKDConfig, student: torch.nn.Module, teacher: torch.nn
     uses_attention = any(o.uses_attention for o in explicit)
     if not (uses_hidden or uses_attention):
         return setup
-    assert teacher is not None
+    if not isinstance(teacher, torch.nn.Module):
+        raise ConfigError(f"hidden-state / attention objectives need a local teacher (teacher={cfg.teacher!r} sends "
+                          "log-probs only)")
     s_cfg, t_cfg = student.config, teacher.config
     setup.layer_map = resolve_layer_map(cfg.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
     if uses_hidden:

@@ -87,7 +87,9 @@ class Reporter:
         """A few completions of the current step (``source``: the student's own samples, the dataset's
         references or the teacher's samples, by the kind of step) with the teacher's mean token log-prob."""
         # every process scores (under ZeRO-3 a teacher forward is a collective); the main one writes
-        teacher_logits = score(teacher, rollout, len(tokenizer)).teacher_logits if teacher is not None else None
+        scored = score(teacher, rollout, len(tokenizer)) if teacher is not None else None
+        teacher_logits = scored.teacher_logits if scored is not None else None
+        served = scored.token_logprobs if scored is not None else None  # a served teacher's log p(y_t)
         if not self.acc.is_main_process:
             return
         with (self.output_dir / "samples.jsonl").open("a") as fh:
@@ -100,8 +102,9 @@ class Reporter:
                     "prompt": tokenizer.decode(rollout.prompt_ids[i][rollout.prompt_mask[i]]),
                     "completion": tokenizer.decode(ids),
                 }
-                if teacher_logits is not None:
-                    logp = token_logprobs(teacher_logits[i : i + 1], rollout.completion_ids[i : i + 1])[0][mask]
+                if teacher_logits is not None or served is not None:
+                    logp = (served[i][mask] if served is not None else
+                            token_logprobs(teacher_logits[i : i + 1], rollout.completion_ids[i : i + 1])[0][mask])  # type: ignore[index]
                     record["teacher_logprob_mean"] = float(logp.mean()) if logp.numel() else None
                 logger.info("sample step %d: %r -> %r (teacher log-prob %s)", step, record["prompt"][-80:],
                             record["completion"][:80], record.get("teacher_logprob_mean"))

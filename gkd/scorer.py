@@ -18,6 +18,7 @@ from gkd.chunked import teacher_topk
 from gkd.errors import InputError
 from gkd.losses import TeacherTopK
 from gkd.rollout import Rollout, position_ids_from_mask
+from gkd.serving.client import RemoteTeacher
 
 __all__ = [
     "CompletionOutputs",
@@ -40,6 +41,7 @@ class ScoredRollout:
     # len(tokenizer)), or their top-k compression (teacher_topk)
     teacher_hidden: dict[int, torch.Tensor] | None = None  # layer → (B, L, H_T) hidden states (hidden objectives)
     teacher_attentions: dict[int, torch.Tensor] | None = None  # block → (B, heads, L, S) attention probabilities
+    token_logprobs: torch.Tensor | None = None  # (B, L) log p(y_t) of the unprocessed teacher (served teacher only)
 
 
 @dataclass
@@ -154,7 +156,7 @@ def completion_logits(model: torch.nn.Module, rollout: Rollout, vocab_size: int 
 
 @torch.no_grad()
 def score(
-    teacher: torch.nn.Module | None,
+    teacher: torch.nn.Module | RemoteTeacher | None,
     rollout: Rollout,
     vocab_size: int | None = None,
     *,
@@ -168,9 +170,18 @@ def score(
 
     With ``topk > 0`` the teacher's distribution at ``temperature`` is kept as top-k log-probs plus a
     tail bucket (:class:`gkd.losses.TeacherTopK`), formed from its final hidden states a chunk of
-    ``chunk_size`` positions at a time, so full teacher logits are never materialised."""
+    ``chunk_size`` positions at a time, so full teacher logits are never materialised.
+
+    A served teacher (:class:`gkd.serving.client.RemoteTeacher`) always answers with top-k (k = 1
+    when ``topk`` is 0: only ``token_logprobs`` is wanted then) and the completion tokens' log-probs."""
     if teacher is None:
         return ScoredRollout(rollout=rollout, teacher_logits=None)
+    if isinstance(teacher, RemoteTeacher):
+        if hidden_layers or attention_layers:
+            raise InputError("a served teacher sends log-probs only; hidden-state / attention objectives need a "
+                             "local teacher")
+        view, tokens = teacher.score(rollout, topk if topk > 0 else 1, temperature)
+        return ScoredRollout(rollout=rollout, teacher_logits=view if topk > 0 else None, token_logprobs=tokens)
     teacher.eval()
     out = completion_outputs(teacher, rollout, vocab_size, hidden_layers=hidden_layers,
                              attention_layers=attention_layers, final_hidden=topk > 0)

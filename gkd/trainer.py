@@ -120,7 +120,8 @@ class GKDTrainer:
         self.lm_loader = acc.prepare(lm_loader) if lm_loader is not None else None
         acc.register_for_checkpointing(self.scheduler)
         # teacher: replicated (no DeepSpeed / ZeRO-2) or ZeRO-3-sharded for inference, never with optimizer state
-        self.teacher = distributed.prepare_teacher(teacher, acc) if teacher is not None else None
+        # a served teacher (teacher: http://…) is a client object and stays as it is
+        self.teacher = distributed.prepare_teacher(teacher, acc) if isinstance(teacher, torch.nn.Module) else teacher
         if len(self.loader) == 0:
             raise InputError(
                 f"{len(rows)} training rows give no full batch of per_device_batch_size={cfg.per_device_batch_size} "
@@ -232,7 +233,8 @@ class GKDTrainer:
         """Greedy held-out evaluation of the current student (``eval_steps``), summed over processes."""
         cfg = self.config
         return evaluate_in_training(
-            self.accelerator.unwrap_model(self.student), self.tokenizer, self.eval_rows, teacher=self.teacher,
+            self.accelerator.unwrap_model(self.student), self.tokenizer, self.eval_rows,
+            teacher=self.teacher if isinstance(self.teacher, torch.nn.Module) else None,  # KLs need full logits
             dataset=cfg.dataset, max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length,
             gather_for_generation=cfg.zero3_gather_for_generation)
 

@@ -45,6 +45,8 @@ from gkd.losses import (
 )
 from gkd.rewards import score_rollouts
 from gkd.rollout import Rollout
+from gkd.scorer import completion_logits, score
+from gkd.serving.client import RemoteTeacher
 from gkd.update import LossOutput
 
 __all__ = ["MiniLLM", "MiniLLMBuffer", "draft_metrics", "minillm_advantages"]
@@ -174,8 +176,11 @@ class MiniLLM(Algorithm):
             rollouts = []
             for _ in range(n_micro):
                 batch = next(parts.batches)
-                rollout = parts.sampler.sample(batch, parts.unwrapped, teacher=parts.teacher,
-                                               teacher_mix=cfg.teacher_mix, draft_tokens=cfg.mix_draft_tokens)
+                if cfg.teacher_mix == 0:  # p̃ = q: the student samples, the teacher scores (the only way when served)
+                    rollout = self.scored_rollout(parts.sampler.sample(batch, parts.unwrapped))
+                else:
+                    rollout = parts.sampler.sample(batch, parts.unwrapped, teacher=parts.teacher,
+                                                   teacher_mix=cfg.teacher_mix, draft_tokens=cfg.mix_draft_tokens)
                 rollout.rows = batch["rows"]
                 rollouts.append(rollout)
         with parts.timers("reward"):
@@ -191,6 +196,31 @@ class MiniLLM(Algorithm):
             shared.update(draft_metrics(rollouts))
             shared.update(self.sample_stats(rollouts))
         return MiniLLMBuffer(rollouts, shared)
+
+    @torch.no_grad()
+    def scored_rollout(self, rollout: Rollout) -> Rollout:
+        """A plain student sample with what teacher-mixed sampling at ``teacher_mix: 0`` stores (the same
+        draws, one teacher pass instead of one per round): ``log p(y_t)`` of the unprocessed teacher
+        (from the server with a served teacher, whose top-k view is kept for the loss), ``log p̃ = log q``
+        of the processed distribution sampled, and ``log q_old`` at the sampling temperature without
+        top-k / top-p (a student forward, only when those are set)."""
+        cfg, parts = self.config, self.parts
+        mask = rollout.completion_mask
+        if isinstance(parts.teacher, RemoteTeacher):
+            tau = self.loss_temperature
+            scored = score(parts.teacher, rollout, parts.vocab_size, topk=cfg.teacher_topk, temperature=tau)
+            teacher_logprobs = scored.token_logprobs
+            rollout.teacher_cache = (tau, scored.teacher_logits)
+        else:
+            logits = completion_logits(parts.teacher, rollout, parts.vocab_size)  # type: ignore[arg-type]
+            teacher_logprobs = token_logprobs(logits, rollout.completion_ids)
+            del logits
+        rollout.teacher_logprobs = teacher_logprobs * mask  # type: ignore[operator]
+        rollout.mixed_logprobs = rollout.sampled_logprobs
+        if cfg.top_k > 0 or cfg.top_p < 1.0:
+            logits = completion_logits(parts.unwrapped, rollout, parts.vocab_size)
+            rollout.sampled_logprobs = token_logprobs(logits, rollout.completion_ids, cfg.temperature) * mask
+        return rollout
 
     def steps(self) -> Iterator[dict[str, float]]:
         """One buffer: fill it (unless resuming one), then ``ppo_epochs`` passes of minibatch updates."""
