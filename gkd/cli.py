@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # hub retries: our error says it in one line
-    for noisy in ("transformers", "accelerate", "torch", "absl"):  # absl: rouge-score
+    for noisy in ("transformers", "accelerate", "torch", "absl", "httpx"):  # absl: rouge-score; httpx: every request
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     import os
