@@ -24,8 +24,8 @@ TOL = dict(rel=2e-5, abs=1e-6)  # the server pads its own sub-batches: float32 s
 class LoopbackServer:
     """``create_app`` served by uvicorn in a thread on 127.0.0.1; stop() / start() again on the same port."""
 
-    def __init__(self, service: TeacherService, api_key: str | None = None) -> None:
-        self.app = create_app(service, api_key)
+    def __init__(self, service: TeacherService | object, api_key: str | None = None) -> None:
+        self.app = create_app(service, api_key) if isinstance(service, TeacherService) else service  # or a ready app
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

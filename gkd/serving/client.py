@@ -1,7 +1,12 @@
-"""``teacher: http://host:port``: a teacher served by ``gkd serve-teacher`` in another process.
+"""``teacher: http://host:port``: a teacher served in another process, by ``gkd serve-teacher`` or
+by vLLM's OpenAI-compatible server (``vllm serve TEACHER``).
 
 :class:`RemoteTeacher` stands where a local teacher module would; :func:`gkd.scorer.score` asks it
-for the top-k view of a rollout. Requests are split to the server's limits; a lost connection, a
+for the top-k view of a rollout. ``connect`` asks ``GET /info`` (gkd's server); where that is not
+found it asks ``GET /v1/models`` and speaks vLLM's ``/v1/completions`` with ``prompt_logprobs``
+instead: the top-k of the teacher's raw distribution at every prompt position plus the token in the
+sequence, from which the tail bucket is ``log(1 − Σ top-k)`` (exact top-k; the tail to float
+precision; temperature 1 only, as vLLM's prompt log-probs are raw). Requests are split to the server's limits; a lost connection, a
 timeout or a 5xx is retried with exponential backoff until ``timeout`` seconds have passed (a
 restarted server is waited for, and the step goes on where it was: no step is lost or repeated,
 because scoring has no side effects). A 4xx is the request's fault and fails at once with the
@@ -50,6 +55,7 @@ class RemoteTeacher:
         # one request may take long (a big batch on a busy server); the overall budget is `timeout`
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(min(timeout, 300.0), connect=10.0))
         self.info: dict[str, Any] = {}
+        self.backend = ""  # "gkd" (gkd serve-teacher) or "vllm" (vLLM's OpenAI-compatible server), set by connect
         self.requests = 0  # successful requests (benchmarks, tests)
         self.retries = 0
 
@@ -62,7 +68,8 @@ class RemoteTeacher:
 
     # --- transport --------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _call(self, method: str, path: str, payload: dict[str, Any] | None = None,
+              missing_ok: bool = False) -> dict[str, Any] | None:
         import httpx
 
         deadline = time.monotonic() + self.timeout
@@ -77,21 +84,30 @@ class RemoteTeacher:
                 if response.status_code < 400:
                     self.requests += 1
                     return response.json()
+                if response.status_code == 404 and missing_ok:
+                    return None
                 reason = _reason(response)
                 if response.status_code < 500:
                     raise TeacherServerError(f"teacher server {self.url} refused {path} ({response.status_code}): {reason}")
                 last = f"HTTP {response.status_code}: {reason}"
             if time.monotonic() + wait > deadline:
                 raise TeacherServerError(f"teacher server {self.url} did not answer {path} within {self.timeout:g} s "
-                                         f"(last: {last}); is `gkd serve-teacher` running there? (teacher_timeout)")
+                                         f"(last: {last}); is `gkd serve-teacher` or `vllm serve` running there? "
+                                         "(teacher_timeout)")
             self.retries += 1
             logger.warning("teacher server %s: %s; retrying in %.1f s", self.url, last, wait)
             time.sleep(wait)
             wait = min(2 * wait, self.max_backoff)
 
     def connect(self, tokenizer) -> dict[str, Any]:
-        """Fetch ``/info`` and refuse a server whose tokenizer is not the student's."""
-        info = self._call("GET", "/info")
+        """Find out which server this is and refuse one whose tokenizer is not the student's."""
+        info = self._call("GET", "/info", missing_ok=True)
+        if info is None:
+            models = self._call("GET", "/v1/models", missing_ok=True)
+            if not models or not models.get("data"):
+                raise TeacherServerError(f"{self.url} answers neither /info (gkd serve-teacher) nor /v1/models (vLLM): "
+                                         "not a teacher server")
+            return self._connect_vllm(models["data"][0], tokenizer)
         if info.get("protocol") != PROTOCOL_VERSION:
             raise TeacherServerError(f"teacher server {self.url} speaks protocol {info.get('protocol')!r}; this gkd "
                                      f"speaks {PROTOCOL_VERSION}: run the same gkd version on both sides")
@@ -101,8 +117,22 @@ class RemoteTeacher:
                 f"teacher server {self.url} ({info.get('model')}) has another tokenizer (hash "
                 f"{str(info.get('tokenizer_hash'))[:12]}… vs the student's {mine[:12]}…, vocabulary "
                 f"{info.get('vocab_size')} vs {len(tokenizer)}): token-level distillation needs one tokenizer")
-        self.info = info
+        self.info, self.backend = info, "gkd"
         return info
+
+    def _connect_vllm(self, model: dict[str, Any], tokenizer) -> dict[str, Any]:
+        """vLLM has no tokenizer hash: tokenize a probe text on both sides and compare the ids."""
+        name = str(model.get("id"))
+        probe = _TOKENIZER_PROBE
+        mine = tokenizer(probe, add_special_tokens=False, verbose=False).input_ids
+        theirs = self._call("POST", "/tokenize", {"model": name, "prompt": probe, "add_special_tokens": False})
+        if not theirs or theirs.get("tokens") != mine:
+            raise TeacherServerError(f"vLLM server {self.url} ({name}) tokenizes a probe text differently from the "
+                                     "student's tokenizer: token-level distillation needs one tokenizer")
+        self.info = {"model": name, "max_model_len": model.get("max_model_len"), "max_batch_size": 64,
+                     "max_batch_tokens": 65536, "vocab_size": len(tokenizer)}
+        self.backend = "vllm"
+        return self.info
 
     # --- scoring ----------------------------------------------------------------------------
 
@@ -131,6 +161,9 @@ class RemoteTeacher:
         k = min(topk, int(self.info.get("max_top_k", topk)))
         if k != topk:
             raise TeacherServerError(f"teacher_topk={topk} is above the teacher server's limit of {k} (max_top_k)")
+        if self.backend == "vllm" and temperature != 1.0:
+            raise TeacherServerError(f"a vLLM teacher returns its raw log-probs (temperature 1); loss temperature "
+                                     f"{temperature:g} needs gkd serve-teacher or a local teacher")
         pm, cm = rollout.prompt_mask.cpu(), rollout.completion_mask.cpu()
         pids, cids = rollout.prompt_ids.cpu(), rollout.completion_ids.cpu()
         b, length = cids.shape
@@ -143,15 +176,11 @@ class RemoteTeacher:
         live = [i for i in range(b) if completions[i]]  # a row with no completion token needs no scores
         for group in self._requests([prompts[i] for i in live], [completions[i] for i in live]):
             rows = [live[j] for j in group]
-            payload = {"sequences": [{"prompt_ids": prompts[i], "completion_ids": completions[i]} for i in rows],
-                       "top_k": k, "temperature": float(temperature)}
-            out = self._call("POST", "/score", payload)
-            try:
-                arrays = {name: decode_array(out[name]) for name in ("topk_ids", "topk_logprobs", "log_tail",
-                                                                      "token_logprobs")}
-                lengths = [int(n) for n in out["lengths"]]
-            except (KeyError, TypeError, ValueError) as e:
-                raise TeacherServerError(f"teacher server {self.url} sent a malformed /score response: {e}") from None
+            if self.backend == "vllm":
+                arrays, lengths = self._score_vllm([prompts[i] for i in rows], [completions[i] for i in rows], k)
+            else:
+                arrays, lengths = self._score_gkd([prompts[i] for i in rows], [completions[i] for i in rows], k,
+                                                  temperature)
             if lengths != [len(completions[i]) for i in rows]:
                 raise TeacherServerError(f"teacher server {self.url} answered for {lengths} positions, asked for "
                                          f"{[len(completions[i]) for i in rows]}")
@@ -165,12 +194,75 @@ class RemoteTeacher:
         device = rollout.completion_ids.device
         return TeacherTopK(indices.to(device), logprobs.to(device), tail.to(device)), tokens.to(device)
 
+    def _score_gkd(self, prompts: list[list[int]], completions: list[list[int]], k: int, temperature: float,
+                   ) -> tuple[dict[str, torch.Tensor], list[int]]:
+        payload = {"sequences": [{"prompt_ids": p, "completion_ids": c} for p, c in zip(prompts, completions, strict=True)],
+                   "top_k": k, "temperature": float(temperature)}
+        out = self._call("POST", "/score", payload)
+        try:
+            arrays = {name: decode_array(out[name]) for name in ("topk_ids", "topk_logprobs", "log_tail",  # type: ignore[index]
+                                                                  "token_logprobs")}
+            return arrays, [int(n) for n in out["lengths"]]  # type: ignore[index]
+        except (KeyError, TypeError, ValueError) as e:
+            raise TeacherServerError(f"teacher server {self.url} sent a malformed /score response: {e}") from None
+
+    def _score_vllm(self, prompts: list[list[int]], completions: list[list[int]], k: int,
+                    ) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """``/v1/completions`` with the whole sequences as prompts and ``prompt_logprobs: k``: entry ``j``
+        of a choice's ``prompt_logprobs`` is ``{token id: {logprob, rank, …}}`` for the distribution that
+        predicts token ``j`` (its top-k plus the token itself)."""
+        limit = self.info.get("max_model_len")
+        for p, c in zip(prompts, completions, strict=True):
+            if limit and len(p) + len(c) > int(limit):
+                raise TeacherServerError(f"a sequence of {len(p) + len(c)} tokens is over the vLLM server's "
+                                         f"max_model_len {limit}")
+        payload = {"model": self.info["model"], "prompt": [p + c for p, c in zip(prompts, completions, strict=True)],
+                   "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+        out = self._call("POST", "/v1/completions", payload)
+        ids, logps, tails, tokens = [], [], [], []
+        try:
+            choices = sorted(out["choices"], key=lambda ch: int(ch["index"]))  # type: ignore[index]
+            if len(choices) != len(prompts):
+                raise ValueError(f"{len(choices)} choices for {len(prompts)} prompts")
+            for choice, p, c in zip(choices, prompts, completions, strict=True):
+                positions = choice["prompt_logprobs"]
+                if len(positions) != len(p) + len(c):
+                    raise ValueError(f"{len(positions)} prompt_logprobs entries for {len(p) + len(c)} tokens")
+                for j, token in enumerate(c, start=len(p)):
+                    entries = {int(t): v for t, v in positions[j].items()}
+                    ranked = sorted(entries.items(), key=lambda kv: (kv[1].get("rank") or 1 << 30, -kv[1]["logprob"]))
+                    top = [(t, float(v["logprob"])) for t, v in ranked[:k]]
+                    if len(top) < k or token not in entries:
+                        raise ValueError(f"position {j} has {len(entries)} entries without the sequence token or "
+                                         f"fewer than top_k={k} (start vllm serve with --max-logprobs {k} or more)")
+                    top_lp = torch.tensor([lp for _, lp in top], dtype=torch.float64)
+                    mass = float(torch.logsumexp(top_lp, 0).exp().clamp(max=1.0))
+                    ids.append([t for t, _ in top])
+                    logps.append(top_lp.tolist())
+                    tails.append(max(math.log1p(-mass) if mass < 1.0 else -math.inf, TeacherTopK.LOG_ZERO))
+                    tokens.append(float(entries[token]["logprob"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TeacherServerError(f"vLLM server {self.url} sent an unexpected /v1/completions response: {e}") from None
+        arrays = {"topk_ids": torch.tensor(ids, dtype=torch.int32).reshape(-1, k),
+                  "topk_logprobs": torch.tensor(logps, dtype=torch.float32).reshape(-1, k),
+                  "log_tail": torch.tensor(tails, dtype=torch.float32), "token_logprobs": torch.tensor(tokens)}
+        return arrays, [len(c) for c in completions]
+
     def close(self) -> None:
         self._client.close()
 
 
+#: Text tokenized on both sides to check a vLLM teacher's tokenizer (letters, digits, spaces, punctuation,
+#: accents, CJK, an emoji, newlines: what byte-level BPE vocabularies tend to split differently).
+_TOKENIZER_PROBE = "The quick brown fox: 12 + 345 = 357.\n  Ça coûte 3,50 €! 中文 🙂 <tag> x_y-z\tend"
+
+
 def _reason(response: Any) -> str:
     try:
-        return str(response.json().get("error") or response.text).splitlines()[0][:300]
+        body = response.json()
+        error = body.get("error") or body.get("message") or response.text  # gkd: {"error": str}; vLLM: {"error": {...}}
+        if isinstance(error, dict):
+            error = error.get("message", error)
+        return str(error).splitlines()[0][:300]
     except (ValueError, AttributeError):
         return (response.text or "").splitlines()[0][:300] if response.text else "no reason given"
