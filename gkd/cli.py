@@ -1,5 +1,5 @@
-"""Command line: ``gkd train RECIPE [key=value ...]``, ``gkd eval --model PATH``, ``gkd demo`` and
-``gkd serve-teacher MODEL``.
+"""Command line: ``gkd train RECIPE [key=value ...]``, ``gkd eval --model PATH``, ``gkd demo``,
+``gkd serve-teacher MODEL`` and ``gkd cache-teacher RECIPE``.
 
 Works as a console script and under ``accelerate launch -m gkd.cli train RECIPE ...``.
 """
@@ -111,6 +111,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_teacher(args: argparse.Namespace) -> int:
+    import time
+
+    from gkd.config import load_config
+    from gkd.serving.cache import cache_teacher
+
+    config = load_config(args.recipe, args.overrides)
+    start = time.perf_counter()
+    manifest = cache_teacher(config, progress=sys.stderr.isatty())
+    print(f"cached the teacher's top-{manifest['top_k']} view of {manifest['rows']} rows in "
+          f"{len(manifest['shards'])} shard(s) under {config.teacher_cache} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
 def _serve_teacher(args: argparse.Namespace) -> int:
     import os
 
@@ -200,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true",
                       help="no progress bars (they are shown only on a terminal anyway)")
     demo.set_defaults(func=_demo)
+
+    cache = sub.add_parser(
+        "cache-teacher", help="score a recipe's reference completions with its teacher once, for teacher_cache",
+        description="Writes the teacher's top-k log-probs (teacher_topk, at loss_temperature) with the tail bucket "
+                    "and the reference token's log-prob for every training row into teacher_cache; training with "
+                    "the same recipe then reads them on off-policy steps instead of running the teacher.")
+    cache.add_argument("recipe", help="YAML recipe (teacher, dataset, teacher_topk, teacher_cache)")
+    cache.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher_cache=runs/cache")
+    cache.set_defaults(func=_cache_teacher)
 
     srv = sub.add_parser(
         "serve-teacher", help="serve a teacher over HTTP for `teacher: http://host:port` recipes",

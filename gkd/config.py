@@ -67,6 +67,7 @@ class GKDConfig:
     max_response_length: int = _f(0, "Length filter: drop rows whose reference response is longer than this many tokens (0: keep all; longer references are cut at max_new_tokens). Prompts over max_prompt_length are dropped with long_prompts=skip. Counts are logged.")
     teacher_quantization: str = _f("none", "Load the teacher in 8bit or 4bit through bitsandbytes (needs a GPU and `pip install bitsandbytes`): none | 8bit | 4bit.")
     teacher_dtype: str = _f("auto", "Teacher weights dtype: auto | float32 | bfloat16 | float16.")
+    teacher_cache: str = _f("", "Folder of the teacher's scores of the dataset's reference completions, written once by `gkd cache-teacher RECIPE`; off-policy steps on references read it instead of running the teacher (needs teacher_topk; a cache written for another teacher, tokenizer, k, temperature, length limits or data is refused). Empty: none.")
     teacher_timeout: float = _f(600.0, "teacher: http://…: seconds a scoring request may take, retries included (a lost connection or a restarting server is retried with backoff meanwhile); then the run stops with the reason.")
     teacher_api_key_env: str = _f("GKD_TEACHER_API_KEY", "teacher: http://…: environment variable holding the server's bearer token (unset: none sent).")
     student_dtype: str = _f("float32", "Student weights dtype: float32 | bfloat16 | float16 (use mixed_precision for AMP).")
@@ -291,6 +292,13 @@ class GKDConfig:
         if self.algorithm == "minillm" and self.is_pure_sft:
             raise ConfigError("algorithm=minillm needs a teacher")
         self._check_served_teacher()
+        if self.teacher_cache:
+            if not self.teacher_topk:
+                raise ConfigError(f"teacher_cache={self.teacher_cache!r} stores the teacher's top-k: set teacher_topk "
+                                  "(the k it was written with)")
+            if self.loss_temperature_schedule != "constant":
+                raise ConfigError(f"teacher_cache holds scores at one temperature; loss_temperature_schedule="
+                                  f"{self.loss_temperature_schedule!r} needs the live teacher")
         if not self.teacher and not self.is_pure_sft:
             raise ConfigError(
                 "teacher is required (only pure SFT, i.e. divergence=kd with kd_weight=0 and lmbda=0, runs without one)"

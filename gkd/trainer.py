@@ -144,6 +144,11 @@ class GKDTrainer:
             lm_batches=BatchStream(self.lm_loader, acc.skip_first_batches) if self.lm_loader is not None else None,
             timers=self.timers, reporter=self.reporter,
         )
+        if cfg.teacher_cache:  # the teacher's view of reference rows, scored once by gkd cache-teacher
+            from gkd.serving.cache import open_cache
+
+            self.parts.teacher_cache = open_cache(cfg, self.tokenizer, teacher, loader.dataset,
+                                                  structural=bool(objectives.structural))
         self.algorithm: Algorithm = algorithm_cls(self.parts)
         self._steps: Iterator[dict[str, float]] = iter(())
         resume = find_resume_checkpoint(cfg.resume_from_checkpoint, self.output_dir)

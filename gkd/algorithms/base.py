@@ -58,6 +58,7 @@ class RunParts:
     lm_batches: BatchStream | None  # lm_dataset (lm_coef > 0)
     timers: Timers
     reporter: Reporter
+    teacher_cache: Any = None  # gkd.serving.cache.TeacherCache: the teacher's view of reference rows (teacher_cache)
 
     @property
     def vocab_size(self) -> int:

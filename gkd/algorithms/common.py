@@ -27,8 +27,12 @@ PerTokenFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, dict[str, torch.T
 def teacher_view(parts: RunParts, rollout: Rollout, temperature: float, cache: bool = False) -> ScoredRollout:
     """The teacher's view of a rollout (scorer, no grad): full logits or top-k, plus hidden states /
     attentions for those objectives. With ``cache`` (MiniLLM's buffer, scored by every PPO epoch) the
-    top-k scores are computed once per rollout and reused while τ is unchanged."""
+    top-k scores are computed once per rollout and reused while τ is unchanged. With ``teacher_cache``,
+    the dataset's reference rows are read from the cache written by ``gkd cache-teacher``."""
     cfg, obj = parts.config, parts.objectives
+    cache_file = parts.teacher_cache
+    if cache_file is not None and rollout.is_reference and temperature == cache_file.manifest["temperature"]:
+        return ScoredRollout(rollout=rollout, teacher_logits=cache_file.lookup(rollout))  # gkd cache-teacher
     cacheable = cfg.teacher_topk > 0 and not obj.hidden_layers[1] and not obj.attention_layers[1]
     if cacheable and rollout.teacher_cache is not None and rollout.teacher_cache[0] == temperature:
         return ScoredRollout(rollout=rollout, teacher_logits=rollout.teacher_cache[1])

@@ -1,0 +1,296 @@
+"""Cached teacher scores for off-policy data (``gkd cache-teacher RECIPE``, then ``teacher_cache:``).
+
+The teacher's view of a dataset's reference completions does not change while the student trains,
+yet every off-policy step (λ < 1, supervised KD) recomputes it. ``gkd cache-teacher`` scores every
+reference completion once and writes, per completion position, the teacher's top-k log-probs at the
+loss temperature with the tail bucket (the ``teacher_topk`` view) and the reference token's log-prob
+under the unprocessed teacher, into safetensors shards; training reads them instead of running the
+teacher on those steps (on-policy steps still ask the live teacher).
+
+A row is found by the hash of its token ids (prompt + reference, as training tokenizes them), so
+batch composition and order do not matter. The manifest records what the scores depend on: the
+teacher (a fingerprint of its files), the tokenizer (:func:`gkd.serving.protocol.tokenizer_hash`),
+k, the temperature and the prompt / completion length limits; a cache that differs in any of them,
+that lacks a training row, or that was never completed is refused with the reason. Shards are read
+lazily (``safe_open``), so memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gkd.errors import InputError
+from gkd.losses import TeacherTopK
+from gkd.serving.protocol import tokenizer_hash
+
+__all__ = ["CACHE_VERSION", "TeacherCache", "row_hash", "teacher_fingerprint", "write_cache"]
+
+CACHE_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def row_hash(prompt_ids: list[int], completion_ids: list[int]) -> bytes:
+    """SHA-256 (32 bytes) of a row's token ids: the key a cached row is found by."""
+    h = hashlib.sha256()
+    h.update(len(prompt_ids).to_bytes(4, "little"))
+    h.update(torch.tensor(prompt_ids + completion_ids, dtype=torch.int64).numpy().tobytes())
+    return h.digest()
+
+
+def teacher_fingerprint(name: str, path: str | None) -> str:
+    """The teacher's identity: its config and weight files (name, size, SHA-256 of the first and last
+    MiB) when ``path`` is a local folder, else the name it was given (a hub id, a served teacher's URL)."""
+    folder = Path(path) if path else None
+    if folder is None or not folder.is_dir():
+        return f"name:{name}"
+    h = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.suffix not in (".json", ".safetensors", ".bin", ".gguf", ".pt") or not file.is_file():
+            continue
+        if file.suffix == ".json" and file.name != "config.json":
+            continue
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return "files:" + h.hexdigest()
+
+
+def _key(fingerprint: str, tokenizer, k: int, temperature: float, max_prompt_length: int,
+         max_new_tokens: int) -> dict[str, Any]:
+    return {"version": CACHE_VERSION, "teacher": fingerprint, "tokenizer": tokenizer_hash(tokenizer), "top_k": k,
+            "temperature": float(temperature), "max_prompt_length": max_prompt_length,
+            "max_new_tokens": max_new_tokens}
+
+
+@torch.no_grad()
+def write_cache(folder: str | Path, teacher: torch.nn.Module, tokenizer, rows: list[dict[str, Any]], *,
+                fingerprint: str, top_k: int, temperature: float, max_prompt_length: int, max_new_tokens: int,
+                batch_size: int = 16, shard_rows: int = 4096, progress: bool = False) -> dict[str, Any]:
+    """Score every row's reference completion with ``teacher`` and write the cache to ``folder``
+    (atomically: a temporary folder renamed at the end, the manifest written last). Returns the manifest."""
+    from safetensors.torch import save_file
+
+    from gkd.chunked import teacher_topk_and_targets
+    from gkd.data import PromptDataset, collate, reference_rollout
+    from gkd.scorer import completion_outputs, lm_head
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dataset = PromptDataset(rows, tokenizer, max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens)
+    device = next(teacher.parameters()).device
+    head, vocab = lm_head(teacher), len(tokenizer)
+    teacher.eval()
+    shards: list[dict[str, Any]] = []
+    seen: set[bytes] = set()
+    buffer: dict[str, list[torch.Tensor]] = {"indices": [], "logprobs": [], "log_tail": [], "token_logprobs": []}
+    hashes: list[bytes] = []
+    offsets = [0]
+
+    def flush() -> None:
+        if not hashes:
+            return
+        name = f"shard-{len(shards):05d}.safetensors"
+        tensors = {key: torch.cat(values).contiguous() for key, values in buffer.items()}
+        tensors["offsets"] = torch.tensor(offsets, dtype=torch.int64)
+        tensors["hashes"] = torch.frombuffer(bytearray(b"".join(hashes)), dtype=torch.uint8).reshape(-1, 32).clone()
+        save_file(tensors, str(tmp / name))
+        shards.append({"file": name, "rows": len(hashes)})
+        for values in buffer.values():
+            values.clear()
+        hashes.clear()
+        offsets[:] = [0]
+
+    iterator = range(0, len(dataset), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="teacher cache", unit="batch")
+    for start in iterator:
+        examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        fresh = []
+        for e in examples:
+            if e.reference_ids is None:
+                raise InputError("gkd cache-teacher scores reference completions: every row needs a 'completion'")
+            key = row_hash(e.prompt_ids, e.reference_ids)
+            if key not in seen:  # a duplicated row is stored once
+                seen.add(key)
+                fresh.append((e, key))
+        if not fresh:
+            continue
+        batch = collate([e for e, _ in fresh], tokenizer.pad_token_id)
+        rollout = reference_rollout(batch).to(device)
+        out = completion_outputs(teacher, rollout, vocab, final_hidden=True)
+        hidden = out.final_hidden[rollout.completion_mask]  # type: ignore[index]
+        targets = rollout.completion_ids[rollout.completion_mask]
+        top, token = teacher_topk_and_targets(hidden, top_k, targets, head=head, vocab_size=vocab,
+                                              temperature=temperature)
+        buffer["indices"].append(top.indices.int().cpu())
+        buffer["logprobs"].append(top.logprobs.float().cpu())
+        buffer["log_tail"].append(top.log_tail.float().cpu())
+        buffer["token_logprobs"].append(token.float().cpu())  # type: ignore[union-attr]
+        for i, (_, key) in enumerate(fresh):
+            hashes.append(key)
+            offsets.append(offsets[-1] + int(rollout.completion_mask[i].sum()))
+        if len(hashes) >= shard_rows:
+            flush()
+    flush()
+    manifest = {**_key(fingerprint, tokenizer, top_k, temperature, max_prompt_length, max_new_tokens),
+                "rows": len(seen), "dataset": hashlib.sha256(b"".join(sorted(seen))).hexdigest(), "shards": shards}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return manifest
+
+
+class TeacherCache:
+    """A written cache, opened for reading: ``lookup(rollout)`` → the top-k view of its reference rows."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        manifest = self.folder / MANIFEST
+        if not manifest.is_file():
+            hint = (" (an interrupted gkd cache-teacher left it incomplete: run it again)"
+                    if self.folder.with_name(self.folder.name + ".tmp").exists() or self.folder.exists() else
+                    ": run gkd cache-teacher RECIPE first")
+            raise InputError(f"teacher_cache={str(folder)!r} has no {MANIFEST}{hint}")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+            self._files = [safe_open(str(self.folder / s["file"]), framework="pt") for s in self.manifest["shards"]]
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"teacher_cache={str(folder)!r} is unreadable ({str(e).splitlines()[0]}): run gkd "
+                             "cache-teacher again") from None
+        self._where: dict[bytes, tuple[int, int, int]] = {}
+        for s, fh in enumerate(self._files):
+            hashes, offsets = fh.get_tensor("hashes"), fh.get_tensor("offsets")
+            for i in range(hashes.shape[0]):
+                self._where[bytes(hashes[i].tolist())] = (s, int(offsets[i]), int(offsets[i + 1]))
+        self.hits = 0
+
+    def check(self, *, fingerprint: str, tokenizer, top_k: int, temperature: float, max_prompt_length: int,
+              max_new_tokens: int) -> None:
+        """Refuse a cache written for another teacher, tokenizer, k, temperature or length limits."""
+        want = _key(fingerprint, tokenizer, top_k, temperature, max_prompt_length, max_new_tokens)
+        stale = [f"{k}: cache {self.manifest.get(k)!r}, run {v!r}" for k, v in want.items() if self.manifest.get(k) != v]
+        if stale:
+            raise InputError(f"teacher_cache={str(self.folder)!r} was written for another setup ({'; '.join(stale)}): "
+                             "run gkd cache-teacher with this recipe again")
+
+    def check_rows(self, dataset) -> None:
+        """Every row of ``dataset`` (a :class:`gkd.data.PromptDataset`) must be in the cache."""
+        missing = 0
+        for i in range(len(dataset)):
+            e = dataset[i]
+            if e.reference_ids is not None and row_hash(e.prompt_ids, e.reference_ids) not in self._where:
+                missing += 1
+        if missing:
+            raise InputError(f"teacher_cache={str(self.folder)!r} lacks {missing} of the {len(dataset)} training rows "
+                             "(the dataset or its split changed since it was written): run gkd cache-teacher again")
+
+    def lookup(self, rollout) -> TeacherTopK:
+        """The cached top-k view ``(B, L, k)`` of a reference rollout; padded positions hold a uniform top-k."""
+        k = int(self.manifest["top_k"])
+        pm, cm = rollout.prompt_mask.cpu(), rollout.completion_mask.cpu()
+        b, length = cm.shape
+        indices = torch.arange(k).expand(b, length, k).clone()
+        logprobs = torch.full((b, length, k), -float(torch.log(torch.tensor(float(k)))))
+        tail = torch.full((b, length), TeacherTopK.LOG_ZERO)
+        for i in range(b):
+            p = rollout.prompt_ids[i].cpu()[pm[i]].tolist()
+            c = rollout.completion_ids[i].cpu()[cm[i]].tolist()
+            where = self._where.get(row_hash(p, c))
+            if where is None:
+                raise InputError(f"teacher_cache={str(self.folder)!r} has no entry for a batch row (prompt of {len(p)} "
+                                 "tokens): the data changed since gkd cache-teacher ran")
+            s, lo, hi = where
+            fh = self._files[s]
+            indices[i, : hi - lo] = fh.get_slice("indices")[lo:hi].long()
+            logprobs[i, : hi - lo] = fh.get_slice("logprobs")[lo:hi]
+            tail[i, : hi - lo] = fh.get_slice("log_tail")[lo:hi]
+        self.hits += b
+        device = rollout.completion_ids.device
+        return TeacherTopK(indices.to(device), logprobs.to(device), tail.to(device))
+
+
+def module_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameters (a teacher passed to the Python API as a module)."""
+    h = hashlib.sha256()
+    for _, p in sorted(model.state_dict().items()):  # values only: a wrapper's name prefix does not matter
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return "params:" + h.hexdigest()
+
+
+def fingerprint_for(cfg, teacher: Any = None) -> str:
+    """The run's teacher fingerprint: its files when ``cfg.teacher`` resolves to a local folder, else
+    the parameters of the ``teacher`` module passed in, else the name (a hub id or a served teacher)."""
+    from gkd.models import resolve_model
+    from gkd.serving.client import is_remote_teacher
+
+    if cfg.teacher and not is_remote_teacher(cfg.teacher):
+        try:
+            path = resolve_model(cfg.teacher, cfg.teacher_gguf_file, "teacher")
+        except InputError:
+            path = None
+        if path and Path(path).is_dir():
+            return teacher_fingerprint(cfg.teacher, path)
+    if isinstance(teacher, torch.nn.Module):
+        return module_fingerprint(teacher)
+    return f"name:{cfg.teacher}"
+
+
+def open_cache(cfg, tokenizer, teacher: Any, dataset, structural: bool = False) -> TeacherCache:
+    """Open ``cfg.teacher_cache`` for a run and refuse it unless it matches the run (teacher, tokenizer,
+    k, temperature, length limits) and holds every training row."""
+    if structural:
+        raise InputError("teacher_cache holds the teacher's top-k log-probs; hidden-state / attention objectives "
+                         "need the live teacher")
+    cache = TeacherCache(cfg.teacher_cache)
+    cache.check(fingerprint=fingerprint_for(cfg, teacher), tokenizer=tokenizer, top_k=cfg.teacher_topk,
+                temperature=cfg.loss_temperature, max_prompt_length=cfg.max_prompt_length,
+                max_new_tokens=cfg.max_new_tokens)
+    cache.check_rows(dataset)
+    return cache
+
+
+def cache_teacher(cfg, progress: bool = False) -> dict[str, Any]:
+    """``gkd cache-teacher``: score the recipe's training rows with its teacher into ``cfg.teacher_cache``."""
+    from gkd.data import config_rows
+    from gkd.models import load_model, load_tokenizer, resolve_model
+    from gkd.serving.client import is_remote_teacher
+
+    if not cfg.teacher_cache:
+        raise InputError("gkd cache-teacher writes to teacher_cache: set it in the recipe or as teacher_cache=FOLDER")
+    if not cfg.teacher or is_remote_teacher(cfg.teacher):
+        raise InputError(f"gkd cache-teacher needs a local teacher (teacher={cfg.teacher!r})")
+    path = resolve_model(cfg.teacher, cfg.teacher_gguf_file, "teacher")
+    # the student's tokenizer renders and tokenises the rows in training (a student made from the teacher has its tokenizer)
+    origin = cfg.student_source_name
+    if origin is None:
+        tokenizer_path = resolve_model(cfg.student, cfg.student_gguf_file, "student")
+    elif origin == "teacher":
+        tokenizer_path = path
+    else:
+        tokenizer_path = resolve_model(cfg.student if origin == "student" else str(origin))
+    tokenizer = load_tokenizer(tokenizer_path, cfg.trust_remote_code)
+    rows = config_rows(cfg, cfg.dataset, tokenizer, "train")
+    teacher = load_model(path, cfg.teacher_dtype, cfg.trust_remote_code)
+    teacher.to("cuda" if torch.cuda.is_available() else "cpu")
+    return write_cache(cfg.teacher_cache, teacher, tokenizer, rows, fingerprint=teacher_fingerprint(cfg.teacher, path),
+                       top_k=cfg.teacher_topk, temperature=cfg.loss_temperature,
+                       max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=max(cfg.per_device_batch_size, 8), progress=progress)
