@@ -183,3 +183,73 @@ def test_client_splits_requests_to_the_servers_limits(tokenizer, teacher):
         torch.testing.assert_close(tokens[m], full.gather(-1, completion_ids[..., None])[..., 0][m], rtol=1e-5, atol=1e-5)
     finally:
         srv.stop()
+
+
+def _spawn_server(port: int):
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "gkd.cli", "serve-teacher", "builtin:tiny-teacher", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GKD_TEACHER_API_KEY": ""})
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+
+
+def test_cli_run_survives_a_killed_server_and_resumes_exactly(tmp_path):
+    """`gkd train` against a `gkd serve-teacher` process that is SIGKILLed mid-run and started again:
+    the run waits, loses and repeats no step, and equals a straight run; a run split by a checkpoint
+    and resumed equals it too."""
+    import json
+    import signal
+
+    from gkd.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["recipes/tiny.yaml", f"teacher=http://127.0.0.1:{port}", "teacher_topk=8", "lmbda=0.5", "teacher_timeout=120",
+              "progress_bar=false", "save_final_model=false", "log_samples_steps=0"]
+
+    def losses(out):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+    server = _spawn_server(port)
+    try:
+        assert main(["train", *common, "max_steps=24", f"output_dir={tmp_path / 'straight'}"]) == 0
+        assert main(["train", *common, "max_steps=12", "save_steps=12", f"output_dir={tmp_path / 'split'}"]) == 0
+        assert main(["train", *common, "max_steps=24", "resume_from_checkpoint=latest",
+                     f"output_dir={tmp_path / 'split'}"]) == 0
+        codes: list[int] = []
+        run = threading.Thread(target=lambda: codes.append(main(["train", *common, "max_steps=24",
+                                                                 f"output_dir={tmp_path / 'killed'}"])),
+                               daemon=True)
+        run.start()
+        metrics = tmp_path / "killed" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.time() < deadline and run.is_alive()
+            time.sleep(0.02)
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        server = _spawn_server(port)
+        run.join(timeout=300)
+        assert codes == [0]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    straight = losses(tmp_path / "straight")
+    assert [s for s, _ in straight] == list(range(1, 25))
+    killed = losses(tmp_path / "killed")
+    assert len(killed) == 24 and len(killed[-1]) == 2
+    assert killed == straight and losses(tmp_path / "split") == straight
