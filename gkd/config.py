@@ -295,7 +295,7 @@ class GKDConfig:
         if self.teacher_cache:
             if not self.teacher_topk:
                 raise ConfigError(f"teacher_cache={self.teacher_cache!r} stores the teacher's top-k: set teacher_topk "
-                                  "(the k it was written with)")
+                                  "(the k to write it with, and to train with)")
             if self.loss_temperature_schedule != "constant":
                 raise ConfigError(f"teacher_cache holds scores at one temperature; loss_temperature_schedule="
                                   f"{self.loss_temperature_schedule!r} needs the live teacher")
