@@ -247,6 +247,23 @@ def run(plan: Plan, methods: list[Method], work: Path) -> None:
             torch.manual_seed(0)
 
 
+def evaluate_model(plan: Plan, model: str) -> dict[str, Any]:
+    """The held-out metrics of one saved student (same prompts, teacher answers and metrics as the arms)."""
+    from gkd.config import GKDConfig
+    from gkd.data import config_rows
+    from gkd.models import load_model, load_tokenizer, resolve_model
+
+    teacher_path = resolve_model(TEACHER, role="teacher")
+    tokenizer = load_tokenizer(teacher_path)
+    teacher = load_model(teacher_path, "float32").eval()
+    cfg = GKDConfig(teacher=teacher_path, student=model, dataset=DATASET, validation_size=plan.validation_size,
+                    split_seed=0, max_new_tokens=plan.max_new_tokens)
+    evaluator = Evaluator(plan, teacher, tokenizer, config_rows(cfg, DATASET, tokenizer, part="validation"))
+    metrics = evaluator(load_model(resolve_model(model, role="student"), "float32").eval())
+    metrics["teacher"] = {k: v for k, v in evaluator(teacher).items() if not k.endswith("samples")}
+    return metrics
+
+
 def _last(history: list[dict[str, Any]], key: str) -> float | None:
     values = [h[key] for h in history if key in h]
     return values[-1] if values else None
@@ -391,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", help="where results_smollm2.json/png and results.md go (default docs/)")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from runs.jsonl")
     parser.add_argument("--threads", type=int, help="torch threads of this process (two sweeps side by side: 1 each)")
+    parser.add_argument("--evaluate", metavar="MODEL", help="only evaluate a saved student (e.g. a run's final/) with "
+                                                            "the held-out metrics above; prints JSON")
     args = parser.parse_args(argv)
     plan = Plan.quick_plan() if args.quick else Plan()
     if args.seeds:
@@ -404,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or ROOT / "runs" / ("experiments-smollm2-quick" if plan.quick else "experiments-smollm2"))
     out_dir = Path(args.out_dir) if args.out_dir else (work if plan.quick else ROOT / "docs")
     methods = [m for m in METHODS if not args.methods or m.key in args.methods]
+    if args.evaluate:
+        print(json.dumps(evaluate_model(plan, args.evaluate), indent=1))
+        return 0
     if not args.report:
         run(plan, methods, work)
     if (work / "runs.jsonl").exists():
