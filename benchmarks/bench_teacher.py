@@ -89,7 +89,7 @@ def _pair(name: str, work: Path) -> dict:
     rows = load_rows(str(ROOT / "recipes" / "data" / "instructions.jsonl"), tok, num_examples=16)[:16]
     model = load_model(teacher, "float32").eval()
     answers = model_completions(model, tok, rows, max_new_tokens=32, max_prompt_length=256, batch_size=16)
-    rows = [{**r, "completion": a} for r, a in zip(rows, answers, strict=True)]
+    rows = [{"prompt": r["prompt"], "completion": a} for r, a in zip(rows, answers, strict=True)]
     return {"fields": dict(teacher="builtin:smollm2-135m-instruct", student=str(student), per_device_batch_size=4,
                            teacher_topk=64, max_new_tokens=32), "rows": rows}
 
