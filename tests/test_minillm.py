@@ -407,3 +407,36 @@ def test_policy_gradient_loss_gradient_is_reinforce():
     logp2 = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
     (-(adv[:, None] * logp2).sum()).backward()
     torch.testing.assert_close(g, logits.grad)
+
+
+@pytest.mark.parametrize("processing", [{}, {"top_k": 4, "temperature": 0.8}])
+def test_mix_zero_buffer_stores_what_the_mixed_sampler_would(tokenizer, tmp_path, processing):
+    """``teacher_mix: 0`` samples plainly and scores once (``MiniLLM.scored_rollout``). Its stored
+    log-probs must be those the teacher-mixed sampler stores, computed here from separate forwards:
+    log p(y_t) of the unprocessed teacher, log q_old at the sampling temperature without top-k, and
+    log p̃ = the processed (cut, renormalised) student distribution that was sampled."""
+    from gkd.config import GKDConfig
+    from gkd.rollout import build_logits_processors
+    from gkd.scorer import completion_logits
+    from gkd.trainer import GKDTrainer
+
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in [(12, 3), (4, 5), (40, 51), (7, 8)]]
+    cfg = GKDConfig(teacher="t", student="s", dataset="d", algorithm="minillm", teacher_mix=0.0, num_rollouts=4,
+                    per_device_batch_size=2, max_new_tokens=8, output_dir=str(tmp_path), progress_bar=False,
+                    save_final_model=False, log_samples_steps=0, **processing)
+    student, teacher = tiny_model(tokenizer, hidden=32, seed=4), tiny_model(tokenizer, hidden=64, seed=5)
+    trainer = GKDTrainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_rows=rows)
+    buffer = trainer.algorithm.fill_buffer(2)
+    params = SamplingParams(8, **processing)
+    for r in buffer.rollouts:
+        m, ids = r.completion_mask, r.completion_ids[..., None]
+        with torch.no_grad():
+            s_logits = completion_logits(student, r).float()
+            t_logits = completion_logits(teacher, r).float()
+        p = torch.log_softmax(t_logits, -1).gather(-1, ids)[..., 0]
+        q = torch.log_softmax(s_logits / params.temperature, -1).gather(-1, ids)[..., 0]
+        cut = build_logits_processors(params)(None, s_logits.flatten(0, 1))  # temperature, then top-k
+        mixed = torch.log_softmax(cut, -1).view_as(s_logits).gather(-1, ids)[..., 0]
+        torch.testing.assert_close(r.teacher_logprobs[m], p[m], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(r.sampled_logprobs[m], q[m], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(r.mixed_logprobs[m], mixed[m], rtol=1e-4, atol=1e-4)
