@@ -28,7 +28,7 @@ import torch
 
 from gkd.errors import InputError
 from gkd.losses import TeacherTopK
-from gkd.serving.protocol import tokenizer_hash
+from gkd.serving.protocol import padded_topk, tokenizer_hash
 
 __all__ = ["CACHE_VERSION", "TeacherCache", "row_hash", "teacher_fingerprint", "write_cache"]
 
@@ -207,9 +207,7 @@ class TeacherCache:
         k = int(self.manifest["top_k"])
         pm, cm = rollout.prompt_mask.cpu(), rollout.completion_mask.cpu()
         b, length = cm.shape
-        indices = torch.arange(k).expand(b, length, k).clone()
-        logprobs = torch.full((b, length, k), -float(torch.log(torch.tensor(float(k)))))
-        tail = torch.full((b, length), TeacherTopK.LOG_ZERO)
+        indices, logprobs, tail = padded_topk(b, length, k)
         for i in range(b):
             p = rollout.prompt_ids[i].cpu()[pm[i]].tolist()
             c = rollout.completion_ids[i].cpu()[cm[i]].tolist()

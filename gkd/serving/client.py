@@ -26,7 +26,7 @@ import torch
 from gkd.errors import InputError
 from gkd.losses import TeacherTopK
 from gkd.rollout import Rollout
-from gkd.serving.protocol import PROTOCOL_VERSION, decode_array, tokenizer_hash
+from gkd.serving.protocol import PROTOCOL_VERSION, decode_array, padded_topk, tokenizer_hash
 
 __all__ = ["RemoteTeacher", "TeacherServerError", "is_remote_teacher"]
 
@@ -169,9 +169,7 @@ class RemoteTeacher:
         b, length = cids.shape
         prompts = [pids[i][pm[i]].tolist() for i in range(b)]
         completions = [cids[i][cm[i]].tolist() for i in range(b)]
-        indices = torch.arange(k).expand(b, length, k).clone()
-        logprobs = torch.full((b, length, k), -math.log(k))
-        tail = torch.full((b, length), TeacherTopK.LOG_ZERO)
+        indices, logprobs, tail = padded_topk(b, length, k)
         tokens = torch.zeros((b, length))
         live = [i for i in range(b) if completions[i]]  # a row with no completion token needs no scores
         for group in self._requests([prompts[i] for i in live], [completions[i] for i in live]):

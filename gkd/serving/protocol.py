@@ -23,12 +23,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["PROTOCOL_VERSION", "decode_array", "encode_array", "tokenizer_hash"]
+__all__ = ["PROTOCOL_VERSION", "decode_array", "encode_array", "padded_topk", "tokenizer_hash"]
 
 PROTOCOL_VERSION = 1
 _DTYPES = {"float32": (torch.float32, "<f4"), "int32": (torch.int32, "<i4")}
@@ -61,3 +62,13 @@ def tokenizer_hash(tokenizer) -> str:
     payload = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "eos": tokenizer.eos_token_id},
                          ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def padded_topk(b: int, length: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(indices, logprobs, log_tail)`` of shape ``(B, L, k)`` / ``(B, L)`` holding a uniform top-k at
+    every position: finite filler for padded positions (every loss masks them), overwritten per row
+    with the teacher's scores (from a server or a cache)."""
+    from gkd.losses import TeacherTopK
+
+    return (torch.arange(k).expand(b, length, k).clone(), torch.full((b, length, k), -math.log(k)),
+            torch.full((b, length), TeacherTopK.LOG_ZERO))

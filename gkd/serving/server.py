@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from gkd.chunked import teacher_topk_and_targets
+from gkd.data import Example, collate, reference_rollout
 from gkd.rollout import Rollout
 from gkd.scorer import completion_outputs, lm_head
 from gkd.serving.protocol import PROTOCOL_VERSION, encode_array, tokenizer_hash
@@ -149,18 +150,9 @@ class TeacherService:
                 "lengths": [len(c) for c in completions]}
 
     def _rollout(self, prompts: list[list[int]], completions: list[list[int]]) -> Rollout:
-        """Left-padded prompts, right-padded completions (the layout the scorer expects)."""
-        b, width_p, width_c = len(prompts), max(map(len, prompts)), max(map(len, completions))
-        prompt_ids = torch.full((b, width_p), self.pad_id, dtype=torch.long)
-        prompt_mask = torch.zeros((b, width_p), dtype=torch.bool)
-        completion_ids = torch.full((b, width_c), self.pad_id, dtype=torch.long)
-        completion_mask = torch.zeros((b, width_c), dtype=torch.bool)
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            prompt_ids[i, width_p - len(p):] = torch.tensor(p)
-            prompt_mask[i, width_p - len(p):] = True
-            completion_ids[i, : len(c)] = torch.tensor(c)
-            completion_mask[i, : len(c)] = True
-        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask).to(self.device)
+        """Left-padded prompts, right-padded completions: the training batch layout (:func:`gkd.data.collate`)."""
+        examples = [Example(prompt_ids=p, reference_ids=c, row={}) for p, c in zip(prompts, completions, strict=True)]
+        return reference_rollout(collate(examples, self.pad_id)).to(self.device)
 
 
 def create_app(service: TeacherService, api_key: str | None = None):
