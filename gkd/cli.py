@@ -75,6 +75,7 @@ _EVAL_FROM_CONFIG = {"teacher": "teacher", "dataset": "dataset", "dataset_format
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from gkd.errors import InputError
     from gkd.evaluate import format_table, read_run_config, run_eval, write_report
 
     kwargs: dict = {}
@@ -89,6 +90,10 @@ def _eval(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"config file {config!r} not found")
         from_config = read_run_config(config)
         kwargs.update({_EVAL_FROM_CONFIG[k]: v for k, v in from_config.items()})
+        if args.benchmark:  # a benchmark brings its own rows and length; the run's teacher and sampling still apply
+            for k in ("dataset", "dataset_format", "dataset_split", "validation_size", "split_seed",
+                      "max_response_length", "num_train_examples", "max_digits", "data_seed", "max_new_tokens"):
+                kwargs.pop(k, None)
         print(f"gkd eval: data and sampling settings from {config} (flags override them)", file=sys.stderr)
     flags = {"teacher": args.teacher, "dataset": args.dataset, "dataset_format": args.dataset_format,
              "split": args.split, "validation_size": args.validation_size, "split_seed": args.split_seed,
@@ -103,6 +108,20 @@ def _eval(args: argparse.Namespace) -> int:
         kwargs["teacher"] = None
     kwargs["decodings"] = ("greedy", "sample") if args.decoding == "both" else (args.decoding,)
     kwargs["teacher_metrics"] = not args.no_teacher_metrics
+    if args.benchmark_data and not args.benchmark:
+        raise InputError("--benchmark-data needs --benchmark (e.g. --benchmark ifeval)")
+    if args.benchmark:
+        if args.dataset:
+            raise InputError("--benchmark evaluates --benchmark-data; drop --dataset")
+        kwargs.update(benchmark=args.benchmark, benchmark_data=args.benchmark_data)
+    generations = args.generations
+    if generations is None and args.output:
+        generations = str(Path(args.output).with_suffix("")) + ".generations.jsonl"
+    elif generations is None and args.benchmark:
+        generations = f"eval-{args.benchmark}-generations.jsonl"
+    if generations not in (None, "none"):
+        kwargs["generations"] = generations
+        print(f"gkd eval: every completion is written to {generations} as soon as it is decoded", file=sys.stderr)
     report = run_eval(args.model, **kwargs)
     print(format_table(report))
     if args.output:
@@ -196,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reward-funcs", nargs="+", metavar="SPEC", help="reward functions 'module:function' or 'file.py:function'")
     ev.add_argument("--show", type=int, help="sample generations to print per model and decoding (default 3)")
     ev.add_argument("--no-teacher-metrics", action="store_true", help="use the teacher for the KLs only")
+    ev.add_argument("--benchmark", choices=["ifeval"],
+                    help="evaluate on a verifiable-instruction benchmark instead of the run's data (IFEval's checkers, "
+                         "from the if-verifiable package: pip install 'gkd[eval]'); default length 512 new tokens")
+    ev.add_argument("--benchmark-data", metavar="PATH_OR_NAME",
+                    help="the benchmark's rows in IFEval's format (key, prompt, instruction_id_list, kwargs): a "
+                         ".jsonl/.json/.parquet file, or a datasets name such as google/IFEval (online)")
+    ev.add_argument("--generations", metavar="PATH",
+                    help="JSONL file that receives every completion as soon as it is decoded, before scoring "
+                         "(default: beside --output; with --benchmark and no --output: eval-<benchmark>-generations.jsonl; "
+                         "'none': do not write)")
     ev.add_argument("--output", help="write the full results as JSON here")
     ev.set_defaults(func=_eval)
 
@@ -265,13 +294,16 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from gkd.errors import CheckpointError, InputError
+    from gkd.errors import CheckpointError, InputError, TeacherChangedError, TeacherUnavailableError
 
     try:
         return args.func(args)
     except (InputError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"gkd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (TeacherUnavailableError, TeacherChangedError) as e:  # a served teacher's fault: codes of their own
+        print(f"gkd {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def console_main() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from gkd.rewards import RewardFn, RewardFunctions
 from gkd.rollout import SamplingParams, sample
 from gkd.scorer import check_tokenizers_match, completion_logits
 
-__all__ = ["DECODINGS", "EvalResult", "eval_shard", "evaluate", "evaluate_in_training", "model_completions", "sequence_stats", "teacher_forced_kl", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
+logger = logging.getLogger(__name__)
+
+__all__ = ["BENCHMARKS", "DECODINGS", "EvalResult", "load_benchmark", "looping_summary", "eval_shard", "evaluate", "evaluate_in_training", "model_completions", "sequence_stats", "teacher_forced_kl", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
            "write_report"]
 
 #: Decoding modes: ``greedy`` (argmax) or ``sample`` (temperature / top-p / top-k, seeded).
@@ -57,9 +60,13 @@ class EvalResult:
     distinct_2: float | None = None  # mean distinct-bigram share per completion (see sequence_stats)
     repeat_4: float | None = None  # mean share of repeated 4-grams per completion
     no_eos: float | None = None  # share of completions that hit max_new_tokens without EOS
+    verifiable: dict[str, Any] | None = None  # IFEval scores of the rows with instruction_id_list (gkd.verifiable)
+    completions: list[str] = field(default_factory=list, repr=False)  # every decoded completion, in row order
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out.pop("completions")  # in the generations file, not the report
+        return out
 
 
 def sequence_stats(completion_ids: Sequence[Sequence[int]], eos_token_id: int | Sequence[int]) -> dict[str, float]:
@@ -122,6 +129,8 @@ def evaluate(
     num_samples: int = 3,
     rouge: bool | None = None,
     all_ranks_done: Callable[[bool], bool] | None = None,
+    verifiable: bool | None = None,
+    save_generations: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> EvalResult:
     """Decode every prompt with ``model`` and score the completions.
 
@@ -132,6 +141,11 @@ def evaluate(
     ``teacher`` (same tokenizer), the teacher–model KLs on those completions are computed too.
     ``rouge`` defaults to "when every row has a reference". ``num_samples`` completions are kept
     for display. ``all_ranks_done`` keeps sampling in lockstep across processes (ZeRO-3), as in training.
+    Rows that carry ``instruction_id_list`` / ``kwargs`` (IFEval's format) are scored with IFEval's
+    checkers (:mod:`gkd.verifiable`) into ``verifiable``: always with ``verifiable=True`` (a missing
+    ``if-verifiable`` package is then an error), when the package is installed with ``None``, never with
+    ``False``. ``save_generations`` receives one record per completion as soon as decoding ends, before
+    anything is scored, so a failure while scoring loses no generation.
     """
     if decoding not in DECODINGS:
         raise InputError(f"decoding={decoding!r} is not valid; choose one of: {', '.join(DECODINGS)}")
@@ -185,6 +199,13 @@ def evaluate(
         model.train()
 
     prompt_texts = [r["prompt"] for r in rows]
+    if save_generations is not None:
+        eos = tokenizer.eos_token_id
+        save_generations([{"index": i // draws, "draw": i % draws, **({"key": row["key"]} if "key" in row else {}),
+                           "prompt": prompt_texts[i], "completion": completions[i], "tokens": len(completion_ids[i]),
+                           "eos": bool(completion_ids[i]) and completion_ids[i][-1] == eos}
+                          for i, row in enumerate(rows)])
+    verifiable_scores = _score_verifiable(rows, completions, verifiable)
     if checker is not None:
         hits: list[bool] | None = [bool(checker(p, c)) for p, c in zip(prompt_texts, completions, strict=True)]
     elif has_refs:
@@ -218,7 +239,27 @@ def evaluate(
         decoding=decoding,
         num_prompts=n // draws,
         num_completions=n,
+        verifiable=verifiable_scores,
+        completions=completions,
     )
+
+
+def _score_verifiable(rows: Sequence[Mapping[str, Any]], completions: Sequence[str],
+                      verifiable: bool | None) -> dict[str, Any] | None:
+    """IFEval scores of the constrained rows (see :func:`evaluate`), or None."""
+    from gkd import verifiable as ver
+
+    if verifiable is False or not any(ver.constrained(r) for r in rows):
+        return None
+    try:
+        ver.registry()
+    except InputError:
+        if verifiable:
+            raise
+        logger.warning("rows carry verifiable instructions but if-verifiable is not installed; not scored "
+                       "(pip install 'gkd[eval]')")
+        return None
+    return ver.score_rows(rows, completions).summary()
 
 
 def greedy_completions(model: torch.nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int,
@@ -306,6 +347,59 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
     return {k: values[k] for k in CONFIG_KEYS if k in values}
 
 
+#: ``gkd eval --benchmark`` names.
+BENCHMARKS = ("ifeval",)
+#: Default completion length of ``--benchmark ifeval``: IFEval asks for essays, lists and letters of hundreds
+#: of words (lm-evaluation-harness allows 1280 tokens); 512 lets most answers of a small chat model end.
+BENCHMARK_MAX_NEW_TOKENS = 512
+
+
+def load_benchmark(name: str, data: str, tokenizer, *, chat_template: bool = True) -> list[dict[str, Any]]:
+    """Rows of a verifiable-instruction benchmark in IFEval's published format (``key``, ``prompt``,
+    ``instruction_id_list``, ``kwargs``): a ``.jsonl`` / ``.json`` / ``.parquet`` file or a ``datasets``
+    name (``google/IFEval`` online). Each prompt becomes one user turn under the tokenizer's chat
+    template (the raw text where the tokenizer has none, or ``chat_template=False``). Every row is checked
+    (:func:`gkd.verifiable.check_rows`) before anything is generated."""
+    from gkd import verifiable
+    from gkd.data import _load_with_datasets, normalize_rows
+
+    if name not in BENCHMARKS:
+        raise InputError(f"benchmark {name!r} is not known; choose one of: {', '.join(BENCHMARKS)}")
+    verifiable.registry()  # a missing extra fails here, before any model runs
+    raw, source = _load_with_datasets(data, "train")
+    use_chat = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    rows = []
+    for i, row in enumerate(raw, 1):
+        where = f"{source} row key={row['key']!r}" if row.get("key") is not None else f"{source}:{i}"
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{where}: 'prompt' must be non-empty text (IFEval format: key, prompt, "
+                             "instruction_id_list, kwargs)")
+        if not row.get("instruction_id_list"):
+            raise InputError(f"{where}: no 'instruction_id_list'; a {name} row needs at least one instruction id")
+        extra = {k: row[k] for k in ("key", "instruction_id_list", "kwargs") if k in row}
+        if use_chat:
+            rows.append({"messages": [{"role": "user", "content": prompt}], "ifeval_prompt": prompt, **extra})
+        else:
+            rows.append({"prompt": prompt, "ifeval_prompt": prompt, **extra})
+    rows = normalize_rows(rows, tokenizer, source=source)
+    verifiable.check_rows(rows, source)
+    return rows
+
+
+def _generations_writer(path: str | Path | None, model: str) -> Callable[[list[dict[str, Any]]], None] | None:
+    """Appends each decoding's completions to ``path`` (JSONL), tagged with ``model`` and decoding."""
+    if path is None:
+        return None
+    path = Path(path)
+
+    def write(records: list[dict[str, Any]], *, role: str, decoding: str) -> None:
+        with path.open("a") as fh:
+            for r in records:
+                fh.write(json.dumps({"model": role, "name": model, "decoding": decoding, **r}, ensure_ascii=False) + "\n")
+    return write  # type: ignore[return-value]
+
+
 def run_eval(
     model: str,
     *,
@@ -333,6 +427,9 @@ def run_eval(
     reward_funcs: Sequence[str] = (),
     num_shown: int = 3,
     teacher_metrics: bool = True,
+    benchmark: str | None = None,
+    benchmark_data: str | None = None,
+    generations: str | Path | None = None,
 ) -> dict[str, Any]:
     """``gkd eval``: load the model (and teacher), load the evaluation rows, evaluate under each
     decoding mode; returns a JSON-ready dict (``results``: one entry per model × decoding).
@@ -342,31 +439,76 @@ def run_eval(
     the task's held-out problems for training seed ``data_seed``, scored with
     :func:`gkd.task.check_answer` and the built-in reward ``gkd.task:exact_match_reward``.
     With ``teacher_metrics`` the teacher is evaluated the same way (no KL against itself).
+    ``benchmark="ifeval"`` evaluates the rows of ``benchmark_data`` instead (:func:`load_benchmark`,
+    default length :data:`BENCHMARK_MAX_NEW_TOKENS`). Rows with verifiable instructions are scored on any
+    dataset. ``generations``: a JSONL file that receives every completion as soon as it is decoded.
     """
     for d in decodings:
         if d not in DECODINGS:
             raise InputError(f"decoding {d!r} is not valid; choose from: {', '.join(DECODINGS)}")
     if split not in PARTS:
         raise InputError(f"split {split!r} is not valid; choose one of: {', '.join(PARTS)}")
+    if benchmark is not None:
+        if benchmark not in BENCHMARKS:
+            raise InputError(f"benchmark {benchmark!r} is not known; choose one of: {', '.join(BENCHMARKS)}")
+        if not benchmark_data:
+            raise InputError(f"--benchmark {benchmark} needs --benchmark-data: a file in IFEval's format "
+                             "(key, prompt, instruction_id_list, kwargs) or a datasets name such as google/IFEval")
+        from gkd import verifiable
+
+        verifiable.registry()  # a missing extra is refused before any model is loaded
     t0 = time.perf_counter()
     student, tokenizer = _load_model_and_tokenizer(model, "model")
     teacher_model = None
     if teacher:
         teacher_model, teacher_tokenizer = _load_model_and_tokenizer(teacher, "teacher")
         check_tokenizers_match(tokenizer, teacher_tokenizer)
+    if benchmark is not None:
+        dataset, split = str(benchmark_data), "all"
+        rows = load_benchmark(benchmark, str(benchmark_data), tokenizer)
+        max_new_tokens = max_new_tokens or BENCHMARK_MAX_NEW_TOKENS
+    else:
+        rows = load_rows(dataset, tokenizer, dataset_format=dataset_format, num_examples=num_train_examples,
+                         max_digits=max_digits, seed=data_seed, split=dataset_split, part=split,
+                         validation_size=validation_size, split_seed=split_seed,
+                         max_response_length=max_response_length)
     builtin = dataset == "builtin:addition"
-    rows = load_rows(dataset, tokenizer, dataset_format=dataset_format, num_examples=num_train_examples,
-                     max_digits=max_digits, seed=data_seed, split=dataset_split, part=split,
-                     validation_size=validation_size, split_seed=split_seed, max_response_length=max_response_length)
     if max_prompts is not None:
         if max_prompts < 1:
             raise InputError(f"max_prompts={max_prompts} must be >= 1")
         rows = rows[:max_prompts]
+    from gkd import verifiable as ver
+
+    num_constrained = ver.check_rows(rows, dataset) if benchmark is None and _verifiable_available(rows) else \
+        sum(ver.constrained(r) for r in rows)
+    if generations is not None:
+        Path(generations).parent.mkdir(parents=True, exist_ok=True)
+        Path(generations).write_text("")  # this run's completions only
+    writer = _generations_writer(generations, model)
+    teacher_writer = _generations_writer(generations, str(teacher))
+    new_tokens = max_new_tokens or (2 * max_digits + 1 if builtin else 64)
+    checker = None
+    funcs = list(reward_funcs)
+    if builtin:
+        from gkd.task import check_answer
+
+        checker = check_answer
+        if "gkd.task:exact_match_reward" not in funcs:
+            funcs.insert(0, "gkd.task:exact_match_reward")
+    rewards = RewardFunctions.from_specs(funcs) if funcs else None
     reference = "dataset"
     teacher_answers: list[str] = []
+    teacher_greedy: EvalResult | None = None
+    prompt_only = all(r.get("completion") is None for r in rows)
     if teacher_model is not None:  # what the teacher itself answers: a reference the student cannot move
-        teacher_answers = greedy_completions(teacher_model, tokenizer, rows, max_new_tokens=max_new_tokens or 64,
-                                             max_prompt_length=max_prompt_length, batch_size=batch_size)
+        keep = teacher_writer is not None and teacher_metrics and "greedy" in decodings and prompt_only
+        teacher_greedy = evaluate(
+            teacher_model, tokenizer, rows, reward_funcs=rewards, max_new_tokens=new_tokens,
+            max_prompt_length=max_prompt_length, batch_size=batch_size, num_samples=num_shown, rouge=False,
+            verifiable=benchmark is not None or None,
+            save_generations=(lambda recs: teacher_writer(recs, role="teacher", decoding="greedy"))  # type: ignore[misc]
+            if keep else None)
+        teacher_answers = teacher_greedy.completions
     if any(r.get("completion") is None for r in rows):  # prompt-only rows (on-policy data)
         if teacher_model is None:
             reference = "none"
@@ -376,19 +518,10 @@ def run_eval(
                 if row.get("completion") is None:
                     row["completion"] = answer
             reference = "teacher greedy" if missing == len(rows) else "dataset, else teacher greedy"
-    checker = None
-    funcs = list(reward_funcs)
-    if builtin:
-        from gkd.task import check_answer
-
-        checker = check_answer
-        max_new_tokens = max_new_tokens or 2 * max_digits + 1
-        if "gkd.task:exact_match_reward" not in funcs:
-            funcs.insert(0, "gkd.task:exact_match_reward")
-    rewards = RewardFunctions.from_specs(funcs) if funcs else None
     common = dict(checker=checker, reward_funcs=rewards, samples_per_prompt=samples_per_prompt,
-                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens or 64,
-                  max_prompt_length=max_prompt_length, batch_size=batch_size, num_samples=num_shown)
+                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=new_tokens,
+                  max_prompt_length=max_prompt_length, batch_size=batch_size, num_samples=num_shown,
+                  verifiable=benchmark is not None or None)
     forced: dict[str, float] = {}
     if teacher_model is not None:
         answered = [{**row, "completion": answer} for row, answer in zip(rows, teacher_answers, strict=True)]
@@ -397,16 +530,23 @@ def run_eval(
         forced = {"teacher_forced_forward_kl": fkl, "teacher_forced_reverse_kl": rkl}
     results = []
     for decoding in decodings:
-        r = evaluate(student, tokenizer, rows, teacher=teacher_model, decoding=decoding, **common)
+        save = (lambda recs, d=decoding: writer(recs, role="student", decoding=d)) if writer else None  # type: ignore[call-arg]
+        r = evaluate(student, tokenizer, rows, teacher=teacher_model, decoding=decoding, save_generations=save, **common)
         results.append({"model": "student", **r.to_dict(), **forced})
         if teacher_model is not None and teacher_metrics:
-            r = evaluate(teacher_model, tokenizer, rows, decoding=decoding, **common)
-            if decoding == "greedy" and reference == "teacher greedy":  # 100% against itself by construction
+            if decoding == "greedy" and reference == "teacher greedy" and teacher_greedy is not None:
+                r = teacher_greedy  # the reference itself: Rouge-L / exact match against itself mean nothing
                 r.accuracy, r.rouge_l = None, None
+            else:
+                save = (lambda recs, d=decoding: teacher_writer(recs, role="teacher", decoding=d)) \
+                    if teacher_writer else None  # type: ignore[call-arg]
+                r = evaluate(teacher_model, tokenizer, rows, decoding=decoding, save_generations=save, **common)
             results.append({"model": "teacher", **r.to_dict()})
-    return {
+    report = {
         "model": model, "teacher": teacher, "dataset": dataset, "split": split, "num_prompts": len(rows),
         "reference": reference,
+        "benchmark": benchmark, "num_constrained": num_constrained,
+        "generations": str(generations) if generations is not None else None,
         "settings": {"max_new_tokens": common["max_new_tokens"], "max_prompt_length": max_prompt_length,
                      "samples_per_prompt": samples_per_prompt, "temperature": temperature, "top_p": top_p,
                      "top_k": top_k, "seed": seed, "validation_size": validation_size, "split_seed": split_seed,
@@ -415,6 +555,21 @@ def run_eval(
         "results": results,
         "wall_time_s": time.perf_counter() - t0,
     }
+    report["looping"] = looping_summary(report)
+    return report
+
+
+def _verifiable_available(rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Constrained rows are checked up front only where if-verifiable is installed (else they are skipped)."""
+    from gkd import verifiable as ver
+
+    if not any(ver.constrained(r) for r in rows):
+        return False
+    try:
+        ver.registry()
+    except InputError:
+        return False
+    return True
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -442,11 +597,78 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"{report['num_prompts']} prompts from {report['dataset']} ({report['split']}); "
                  "KLs are token means on the model's own completions; Rouge-L ×100"
                  + (f" against the {reference} answers." if reference != "none" else "; no references, so no Rouge-L."))
+    lines.extend(_verifiable_lines(report))
+    lines.extend(_looping_lines(report))
     for r in report["results"]:
         for s in r["samples"]:
             ref = f"  (reference {s['reference'][:80]!r})" if "reference" in s else ""
             lines.append(f"  {r['model']}/{r['decoding']}: {s['prompt'][-60:]!r} -> {s['completion'][:80]!r}{ref}")
+    if report.get("generations"):
+        lines.append(f"every completion: {report['generations']}")
     return "\n".join(lines)
+
+
+def _verifiable_lines(report: dict[str, Any]) -> list[str]:
+    """The IFEval table (prompt / instruction level, strict / loose) and the per-instruction-id table."""
+    scored = [r for r in report["results"] if r.get("verifiable")]
+    if not scored:
+        return []
+    first = scored[0]["verifiable"]
+    lines = ["", f"Verifiable instructions (IFEval checkers, if-verifiable): {first['num_prompts']} prompts, "
+                 f"{first['num_instructions']} instructions; sentences/words split by {first['sentence_splitter']}.",
+             "| model | decoding | prompt strict % | prompt loose % | instruction strict % | instruction loose % |",
+             "|---|---|---|---|---|---|"]
+    for r in scored:
+        v = r["verifiable"]
+        lines.append(f"| {r['model']} | {r['decoding']} | {100 * v['prompt_strict']:.1f} | {100 * v['prompt_loose']:.1f} | "
+                     f"{100 * v['instruction_strict']:.1f} | {100 * v['instruction_loose']:.1f} |")
+    ids = sorted({k for r in scored for k in r["verifiable"]["per_instruction"]})
+    heads = [f"{r['model']}/{r['decoding']}" for r in scored]
+    lines += ["", "Per instruction id (strict % / loose %):", "| instruction id | n | " + " | ".join(heads) + " |",
+              "|---|---|" + "---|" * len(heads)]
+    for k in ids:
+        cells = []
+        for r in scored:
+            e = r["verifiable"]["per_instruction"].get(k)
+            cells.append(f"{100 * e['strict']:.0f} / {100 * e['loose']:.0f}" if e else "-")
+        n = next(r["verifiable"]["per_instruction"][k]["n"] for r in scored if k in r["verifiable"]["per_instruction"])
+        lines.append(f"| {k} | {n} | " + " | ".join(cells) + " |")
+    errors = sum(r["verifiable"].get("checker_errors", 0) for r in scored)
+    if errors:
+        lines.append(f"({errors} completion(s) made a checker raise; counted as not followed)")
+    return lines
+
+
+def looping_summary(report: dict[str, Any]) -> dict[str, float | None] | None:
+    """The student's greedy repeated-4-gram and no-EOS shares beside the teacher's, with ratios
+    (student / teacher); None without both greedy entries."""
+    greedy = {r["model"]: r for r in report["results"] if r["decoding"] == "greedy"}
+    if "student" not in greedy or "teacher" not in greedy:
+        return None
+    s, t = greedy["student"], greedy["teacher"]
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+    return {"student_repeat_4": s.get("repeat_4"), "teacher_repeat_4": t.get("repeat_4"),
+            "repeat_4_ratio": ratio(s.get("repeat_4"), t.get("repeat_4")),
+            "student_no_eos": s.get("no_eos"), "teacher_no_eos": t.get("no_eos"),
+            "no_eos_ratio": ratio(s.get("no_eos"), t.get("no_eos"))}
+
+
+def _looping_lines(report: dict[str, Any]) -> list[str]:
+    loop = looping_summary(report)
+    if loop is None:
+        return []
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    def times(x: float | None) -> str:
+        return "(teacher 0)" if x is None else f"{x:.2f}×"
+    return ["", f"Greedy looping: repeated 4-grams student {pct(loop['student_repeat_4'])} vs teacher "
+                f"{pct(loop['teacher_repeat_4'])} ({times(loop['repeat_4_ratio'])}); no EOS within "
+                f"{report['settings']['max_new_tokens']} tokens student {pct(loop['student_no_eos'])} vs teacher "
+                f"{pct(loop['teacher_no_eos'])} ({times(loop['no_eos_ratio'])})"]
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> None:
