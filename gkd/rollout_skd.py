@@ -1,0 +1,203 @@
+"""Speculative KD sampling (Xu et al., "Speculative Knowledge Distillation", ICLR 2025, §3.2).
+
+Token by token, SKD builds a completion like this: at position ``t`` the student proposes
+``ŷ_t ~ q_t = q(·|x, y_<t)``; if ``ŷ_t`` is among the ``K`` most likely tokens of the teacher's
+``p_t = p(·|x, y_<t)`` it is kept, otherwise ``y_t ~ p_t`` is drawn from the teacher. Both ``q_t``
+and ``p_t`` are the *processed* distributions (the same temperature / top-k / top-p for both models;
+a token the teacher's top-k / top-p cut gives probability 0 is never "in its top-K"). So
+
+    y_t ~ s_t(y) = q_t(y)·1[y ∈ T_t] + q_t(V ∖ T_t)·p_t(y),      T_t = top-K(p_t).
+
+The completion is then trained on like an on-policy one. ``K = |V|`` accepts every proposal (pure
+on-policy: the student's own samples); small ``K`` approaches sampling from the teacher.
+
+**Speculative form.** Stepping the teacher once per token would make the (bigger) teacher decode
+token by token. Instead each round the student drafts ``k`` tokens ``d_1..d_k`` with its KV cache
+(``d_j ~ q(·|h, d_<j)`` after the committed prefix ``h``), the teacher scores all of them in one
+forward (``p(·|h, d_<j)`` for ``j = 1..k``), the drafts are accepted up to the first one outside the
+teacher's top-K, that one is replaced by a draw from ``p(·|h, d_<j)``, and the rest of the round is
+dropped (it was drafted after a token that is not in the sequence).
+
+**Why this is exactly token-by-token SKD.** By induction over committed tokens. Given the committed
+prefix ``h``, the next draft ``d_1`` is drawn from ``q(·|h)`` — the proposal SKD makes at that
+position — and its verdict depends only on ``d_1`` and ``p(·|h)``, which the teacher pass computes
+on that same prefix. So the next committed token is ``d_1`` with probability ``q(y|h)·1[y ∈ T(h)]``
+and otherwise (probability ``q(V ∖ T(h)|h)``) a fresh draw from ``p(·|h)``: the law ``s(·|h)``.
+If ``d_1`` is kept, ``d_2`` was drawn from ``q(·|h, d_1)`` and is judged with ``p(·|h, d_1)``: the
+same step one token later, and so on. Drafts after a replacement are thrown away unused; later
+rounds use fresh random numbers. Unlike speculative sampling of a *target* distribution (the
+teacher-mixed sampler of :mod:`gkd.rollout`, which needs ``min(1, p̃/q)`` acceptance and a residual
+draw), SKD's own rule is a deterministic test of the student's proposal, so the block form needs no
+correction at all: the teacher's replacement draw *is* SKD's teacher draw. This holds for every
+``k`` (tested with a χ² test over whole sequences); ``k = 1`` is the token-by-token loop.
+
+With ``K ≥ |V|`` and no top-k / top-p every draft is accepted and no extra random numbers are drawn:
+the plain sampler's tokens for the same generator state.
+
+Stored per committed token (the same fields as teacher-mixed sampling): ``log q_old(y_t)`` at the
+sampling temperature without the top-k / top-p cut (finite for a teacher-drawn token outside the
+student's cut), ``log p(y_t)`` of the teacher's *unprocessed* distribution (what the sampled-token
+objective needs, here for free), ``log s_t(y_t)`` of the distribution actually sampled (in
+``mixed_logprobs``), and ``skd_replaced``: whether the teacher drew it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from gkd.rollout import (
+    Rollout,
+    SamplingParams,
+    _Decoder,
+    _draw,
+    _multinomial,
+    build_logits_processors,
+    position_ids_from_mask,
+)
+
+__all__ = ["in_teacher_top_k", "sample_skd", "skd_token_logprobs"]
+
+
+def in_teacher_top_k(p_logprobs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``(…, V)`` bool: token ``v`` is among the ``top_k`` most likely tokens of ``p`` (ties at the
+    K-th value count as in) and has ``p(v) > 0``. ``top_k ≥ V``: every token of the support."""
+    support = p_logprobs > -math.inf
+    if top_k >= p_logprobs.shape[-1]:
+        return support
+    kth = p_logprobs.topk(top_k, dim=-1).values[..., -1:]
+    return support & (p_logprobs >= kth)
+
+
+def skd_token_logprobs(q_logprobs: torch.Tensor, p_logprobs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``log s(y)`` for every token ``(…, V)``: ``s = q·1[y ∈ T] + q(V ∖ T)·p``, ``T`` = top-K of ``p``
+    (the distribution SKD samples from, given processed ``log q`` and ``log p``)."""
+    inside = in_teacher_top_k(p_logprobs, top_k)
+    kept = torch.where(inside, q_logprobs, -math.inf)
+    log_out = torch.where(inside, -math.inf, q_logprobs).logsumexp(-1, keepdim=True)  # log q(V ∖ T)
+    return torch.logaddexp(kept, log_out + p_logprobs)
+
+
+@torch.no_grad()
+def sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               params: SamplingParams, *, top_k: int, draft_tokens: int, eos: torch.Tensor, pad_token_id: int,
+               vocab_size: int | None, generator: torch.Generator | None,
+               all_ranks_done: Callable[[bool], bool] | None) -> Rollout:
+    """SKD completions of left-padded prompts, ``draft_tokens`` student drafts per teacher pass (see
+    the module docstring). Call through :func:`gkd.rollout.sample` (``teacher=``, ``skd_top_k=``).
+
+    Rows advance by different amounts per round; both KV caches keep one common layout in which the
+    slots of dropped drafts are holes in the attention mask (explicit position ids keep positions
+    contiguous per row), as in the teacher-mixed sampler. Greedy (``do_sample=False``): the student's
+    argmax, replaced by the teacher's argmax when outside the teacher's top-K."""
+    if top_k < 1:
+        raise ValueError(f"skd_top_k must be >= 1, got {top_k}")
+    if draft_tokens < 1:
+        raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+    device = prompt_ids.device
+    batch, max_new, k = prompt_ids.shape[0], params.max_new_tokens, draft_tokens
+    procs = build_logits_processors(params)
+    truncates = params.top_k > 0 or params.top_p < 1.0
+    attention = prompt_mask.long()
+    positions = position_ids_from_mask(attention)
+    base = positions[:, -1]  # position of each prompt's last token; new token i sits at base + i
+    student_step, teacher_step = _Decoder(model, vocab_size), _Decoder(teacher, vocab_size)
+    s_logits = student_step(prompt_ids, attention, positions)
+    t_first = teacher_step(prompt_ids, attention, positions)  # p for the first new token
+    width = max_new + k  # room for a round's overshoot; column width - 1 takes the writes of finished rows
+    names = ("q", "p", "s", "replaced")
+    out = {name: torch.zeros(batch, width, device=device) for name in names}
+    out_ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
+    length = torch.zeros(batch, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    cols = torch.arange(k, device=device)
+    rows = torch.arange(batch, device=device)
+    pending: torch.Tensor | None = None  # last committed token, not yet in either cache
+    stats = torch.zeros(3, dtype=torch.long, device=device)  # on live rows: drafts accepted, replaced, row-rounds
+    for _ in range(max_new):  # every round commits >= 1 token per live row
+        # --- draft: k student steps; the tokens fed here are appended to both caches ---
+        fed = [] if pending is None else [pending]
+        start = base + length + (1 if pending is None else 0)  # position of the first fed token
+        if pending is not None:
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            s_logits = student_step(pending[:, None], attention, start[:, None])
+        q_steps, drafts, qt_steps = [], [], []
+        for j in range(k):
+            q = torch.log_softmax(procs(prompt_ids, s_logits.float()), dim=-1)
+            d = _draw(q.exp(), params.do_sample, generator)
+            q_steps.append(q)
+            drafts.append(d)
+            if truncates:  # the stored log q_old: at the sampling temperature, without the top-k / top-p cut
+                qt_steps.append(torch.log_softmax(s_logits.float() / params.temperature, dim=-1))
+            if j < k - 1:
+                fed.append(d)
+                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+                s_logits = student_step(d[:, None], attention, (start + len(fed) - 1)[:, None])
+        # --- verify: one teacher pass over the fed tokens gives p at every drafted position ---
+        p_logits = []
+        if pending is None:
+            p_logits.append(t_first[:, None])
+        if fed:
+            slot_pos = start[:, None] + torch.arange(len(fed), device=device)
+            p_logits.append(teacher_step(torch.stack(fed, 1), attention, slot_pos, all_positions=True))
+        p_raw = torch.cat(p_logits, 1).float()  # (B, k, V)
+        q_all = torch.stack(q_steps, 1)  # (B, k, V) processed log q
+        p_all = torch.log_softmax(procs(prompt_ids, p_raw.flatten(0, 1)), dim=-1).view_as(q_all)  # processed log p
+        r_all = torch.log_softmax(p_raw, dim=-1) if procs else p_all  # unprocessed log p (stored)
+        qt_all = torch.stack(qt_steps, 1) if truncates else q_all
+        inside = in_teacher_top_k(p_all, top_k)  # (B, k, V) the teacher's top-K
+        log_out = torch.where(inside, -math.inf, q_all).logsumexp(-1)  # (B, k) log q(V ∖ T): P(replace)
+        d_all = torch.stack(drafts, 1)  # (B, k)
+        accepted = inside.gather(-1, d_all[..., None]).squeeze(-1)
+        n_acc = accepted.long().cumprod(1).sum(1)  # leading accepted drafts per row
+        rejected = n_acc < k
+        new_ids = d_all
+        any_rejected = bool(rejected.any())
+        if any_rejected:  # the teacher's draw at each row's first rejected draft
+            at = n_acc.clamp(max=k - 1)
+            p_j = p_all[rows, at]
+            y = _multinomial(p_j.exp(), generator) if params.do_sample else p_j.argmax(-1)
+            put = rejected[:, None] & (cols == at[:, None])
+            new_ids = torch.where(put, y[:, None], d_all)
+        else:
+            put = torch.zeros_like(d_all, dtype=torch.bool)
+
+        at_ids = new_ids[..., None]  # gather each committed candidate's value at its position
+        log_s = torch.logaddexp(torch.where(inside.gather(-1, at_ids), q_all.gather(-1, at_ids), -math.inf),
+                                log_out[..., None] + p_all.gather(-1, at_ids)).squeeze(-1)
+        values = {"q": qt_all.gather(-1, at_ids).squeeze(-1), "p": r_all.gather(-1, at_ids).squeeze(-1), "s": log_s,
+                  "replaced": put.float()}
+        n_new = torch.where(rejected, n_acc + 1, torch.full_like(n_acc, k))
+        live = ~finished
+        stats += torch.stack([(n_acc * live).sum(), (rejected & live).sum(), live.sum()])  # no host sync
+        # the fed slots that hold dropped drafts become holes (slot s holds d_s, or the pending token at s=0)
+        if fed:
+            draft_index = cols[: len(fed)] + (0 if pending is not None else 1)  # which d_j each slot holds (0: pending)
+            attention[:, -len(fed):] = (draft_index[None] <= n_acc[:, None]).long()
+        # --- commit: up to the first EOS, at most max_new tokens, nothing for finished rows ---
+        valid = (cols[None] < n_new[:, None]) & ~finished[:, None]
+        is_eos = torch.isin(new_ids, eos) & valid
+        first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(n_new, k))
+        valid &= (cols[None] <= first_eos[:, None]) & (length[:, None] + cols[None] < max_new)
+        index = torch.where(valid, length[:, None] + cols[None], torch.full_like(new_ids, width - 1))
+        out_ids.scatter_(1, index, torch.where(valid, new_ids, pad_token_id))
+        for name in names:
+            out[name].scatter_(1, index, torch.where(valid, values[name], 0.0))
+        length = length + valid.sum(1)
+        finished = finished | (is_eos & valid).any(1) | (length >= max_new)
+        pending = new_ids[rows, (n_new - 1).clamp(max=k - 1)]
+        done = bool(finished.all())
+        if all_ranks_done(done) if all_ranks_done is not None else done:
+            break
+    used = max(int(length.max()), 1)
+    mask = torch.arange(used, device=device)[None] < length[:, None]
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(),
+        completion_ids=out_ids[:, :used].masked_fill(~mask, pad_token_id),
+        completion_mask=mask, on_policy=True, sampled_logprobs=out["q"][:, :used] * mask,
+        teacher_logprobs=out["p"][:, :used] * mask, mixed_logprobs=out["s"][:, :used] * mask,
+        skd_replaced=(out["replaced"][:, :used] > 0) & mask,
+        draft_stats=tuple(stats.tolist()),  # type: ignore[arg-type]
+    )

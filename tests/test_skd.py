@@ -1,0 +1,152 @@
+"""Speculative KD sampling (Xu et al. 2025, gkd.rollout_skd): exact law of the replacement rule for
+every draft length, K = |V| is the student's own sampler, KV caches stay right."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_minillm import FixedLM, MarkovLM
+
+from gkd.rollout import SamplingParams, sample
+from gkd.rollout_skd import in_teacher_top_k, skd_token_logprobs
+
+
+def _skd_table(q_tab: torch.Tensor, p_tab: torch.Tensor, top_k: int) -> torch.Tensor:
+    """float64 ``s[prev, y] = q(y)·1[y ∈ top-K(p)] + q(outside)·p(y)``, by hand, one state at a time."""
+    q, p = torch.softmax(q_tab.double(), -1), torch.softmax(p_tab.double(), -1)
+    s = torch.zeros_like(q)
+    for state in range(q.shape[0]):
+        top = set(torch.argsort(p[state], descending=True)[:top_k].tolist())
+        outside = sum(float(q[state, v]) for v in range(q.shape[1]) if v not in top)
+        for y in range(q.shape[1]):
+            s[state, y] = (float(q[state, y]) if y in top else 0.0) + outside * float(p[state, y])
+    return s
+
+
+def _sequence_probs(table: torch.Tensor, start: int, eos: int, length: int) -> dict[tuple, float]:
+    probs: dict[tuple, float] = {}
+
+    def walk(prefix: list[int], last: int, prob: float) -> None:
+        if len(prefix) == length or (prefix and prefix[-1] == eos):
+            probs[tuple(prefix)] = probs.get(tuple(prefix), 0.0) + prob
+            return
+        for tok in range(table.shape[1]):
+            walk(prefix + [tok], tok, prob * float(table[last, tok]))
+
+    walk([], start, 1.0)
+    return probs
+
+
+def test_top_k_membership_and_token_law_by_hand():
+    logp = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.0, 0.5, 0.5, 0.0]]))
+    assert in_teacher_top_k(logp, 2).tolist() == [[False, True, False, True], [False, True, True, False]]
+    assert in_teacher_top_k(logp, 4)[1].tolist() == [False, True, True, False]  # p = 0 is never in the top-K
+    q = torch.log(torch.tensor([0.25, 0.25, 0.25, 0.25]))
+    s = skd_token_logprobs(q, logp[0], 2).exp()
+    torch.testing.assert_close(s, torch.tensor([0.5 * 0.1, 0.25 + 0.5 * 0.4, 0.5 * 0.2, 0.25 + 0.5 * 0.3]))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_skd_draws_whole_sequences_from_the_replacement_rule_chi_square(k):
+    """χ² over every completion of 3 tokens (EOS = 3 ends early) against the float64 law of token-by-
+    token SKD: the block form (drafts, one teacher pass, accept to the first miss, teacher draw there)
+    is exact for any draft length, with replacements, dropped drafts and EOS inside a round."""
+    g = torch.Generator().manual_seed(5)
+    q_tab, p_tab, top_k, eos = torch.randn(5, 5, generator=g) * 1.5, torch.randn(5, 5, generator=g) * 1.5, 2, 3
+    law = _skd_table(q_tab, p_tab, top_k)
+    probs = _sequence_probs(law, start=1, eos=eos, length=3)
+    n = 40000
+    ids, mask = torch.full((n, 2), 1), torch.ones(n, 2, dtype=torch.bool)
+    r = sample(MarkovLM(q_tab), ids, mask, SamplingParams(max_new_tokens=3), eos_token_id=eos, pad_token_id=0,
+               generator=torch.Generator().manual_seed(k), teacher=MarkovLM(p_tab), skd_top_k=top_k, draft_tokens=k)
+    counts: dict[tuple, int] = {}
+    for row, m in zip(r.completion_ids.tolist(), r.completion_mask.tolist(), strict=True):
+        seq = tuple(t for t, keep in zip(row, m, strict=True) if keep)
+        counts[seq] = counts.get(seq, 0) + 1
+    assert set(counts) <= set(probs)
+    chi2 = sum((counts.get(s, 0) - n * pr) ** 2 / (n * pr) for s, pr in probs.items())
+    df = len(probs) - 1
+    assert chi2 < df + 4 * math.sqrt(2 * df)  # ≈ p < 0.001
+    for other in (torch.softmax(q_tab.double(), -1), torch.softmax(p_tab.double(), -1)):  # the test has power
+        alt = _sequence_probs(other, start=1, eos=eos, length=3)
+        assert sum((counts.get(s, 0) - n * pr) ** 2 / (n * pr) for s, pr in alt.items()) > 10 * df
+    # stored per committed token, conditioned on the token before it: log q, log p, log s
+    prev = torch.cat([torch.ones(n, 1, dtype=torch.long), r.completion_ids[:, :-1]], 1)
+    m, tok = r.completion_mask, r.completion_ids
+    q, p = torch.softmax(q_tab.double(), -1), torch.softmax(p_tab.double(), -1)
+    for stored, table in ((r.sampled_logprobs, q), (r.teacher_logprobs, p), (r.mixed_logprobs, law)):
+        torch.testing.assert_close(stored[m].double(), table.log()[prev[m], tok[m]], rtol=1e-5, atol=1e-5)
+    # the share of replaced tokens at the first position is q(outside the teacher's top-K | start)
+    top = torch.argsort(p[1], descending=True)[:top_k]
+    outside = float(q[1].sum() - q[1, top].sum())
+    assert r.skd_replaced[:, 0].double().mean().item() == pytest.approx(outside, abs=0.015)
+    assert not r.skd_replaced[~m].any()
+
+
+def test_k_equal_to_the_vocabulary_gives_the_students_own_samples(tokenizer):
+    """K = |V|: every proposal is kept and no extra random number is drawn, so the same generator
+    state gives exactly the plain sampler's tokens and log-probs (for every draft length)."""
+    student, teacher = tiny_model(tokenizer, hidden=32, seed=1), tiny_model(tokenizer, hidden=64, seed=2)
+    enc = tokenizer(["<bos>12+34=", "<bos>5+6=", "<bos>987+1="], add_special_tokens=False, padding=True,
+                    return_tensors="pt")
+    kw = dict(eos_token_id=2, pad_token_id=0, vocab_size=len(tokenizer))
+    params = SamplingParams(max_new_tokens=9, temperature=1.3)
+    plain = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3), **kw)
+    for k in (1, 4):
+        skd = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3),
+                     teacher=teacher, skd_top_k=len(tokenizer), draft_tokens=k, **kw)
+        assert torch.equal(plain.completion_ids, skd.completion_ids)
+        assert torch.equal(plain.completion_mask, skd.completion_mask)
+        torch.testing.assert_close(plain.sampled_logprobs, skd.sampled_logprobs)
+        torch.testing.assert_close(skd.mixed_logprobs, skd.sampled_logprobs)  # s = q when nothing is replaced
+        assert not skd.skd_replaced.any() and skd.draft_stats[1] == 0
+    small = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3),
+                   teacher=teacher, skd_top_k=1, draft_tokens=4, **kw)
+    assert small.skd_replaced.any()  # K = 1 does replace (the check above is not vacuous)
+
+
+def test_skd_keeps_the_caches_right_and_greedy_matches_token_by_token(tokenizer):
+    """Real transformers with KV caches: dropped drafts leave holes, yet stored log q / log p equal fresh
+    no-cache forwards of the final sequences; greedy SKD gives the same tokens for k = 1 and k = 4."""
+    from gkd.scorer import completion_logits
+
+    student, teacher = tiny_model(tokenizer, hidden=32, seed=4), tiny_model(tokenizer, hidden=64, seed=5)
+    enc = tokenizer(["<bos>12+34=", "<bos>5+6=", "<bos>987+1="], add_special_tokens=False, padding=True,
+                    return_tensors="pt")
+    params = SamplingParams(10, temperature=0.7)
+    r = sample(student, enc.input_ids, enc.attention_mask, params, eos_token_id=2, pad_token_id=0,
+               generator=torch.Generator().manual_seed(6), teacher=teacher, skd_top_k=2, draft_tokens=3)
+    m = r.completion_mask
+    assert m.sum() > 6 and r.skd_replaced.any()
+    for model, stored, tau in ((student, r.sampled_logprobs, params.temperature), (teacher, r.teacher_logprobs, 1.0)):
+        with torch.no_grad():
+            logits = completion_logits(model, r).float() / tau
+        ref = torch.log_softmax(logits, -1).gather(-1, r.completion_ids[..., None])[..., 0]
+        torch.testing.assert_close(stored[m], ref[m], rtol=1e-4, atol=1e-4)
+    # random-init tied-embedding models repeat their input under greedy decoding; a fixed logit bias makes
+    # the teacher's argmax differ from the student's, so greedy SKD replaces tokens
+    bias = torch.randn(teacher.config.vocab_size, generator=torch.Generator().manual_seed(0)) * 0.05
+    bias[14] = -1.0  # the student's greedy favourite here
+
+    def shift(mod: torch.nn.Module, args: tuple, out: object) -> None:
+        out.logits.add_(bias)  # type: ignore[attr-defined]
+
+    teacher.register_forward_hook(shift)
+    greedy = SamplingParams(max_new_tokens=8, do_sample=False)
+    kw = dict(eos_token_id=2, pad_token_id=0, vocab_size=len(tokenizer), teacher=teacher, skd_top_k=1)
+    one = sample(student, enc.input_ids, enc.attention_mask, greedy, draft_tokens=1, **kw)
+    four = sample(student, enc.input_ids, enc.attention_mask, greedy, draft_tokens=4, **kw)
+    assert torch.equal(one.completion_ids, four.completion_ids) and one.skd_replaced.any()
+
+
+def test_processors_apply_to_the_teacher_before_its_top_k():
+    """With top-k = 1 sampling the teacher's processed support is its argmax alone: a student proposal
+    elsewhere is always replaced, by that argmax."""
+    student, teacher = FixedLM([3.0, 0.0, 0.0, 0.0]), FixedLM([0.0, 0.0, 3.0, 0.0])
+    ids, mask = torch.full((200, 1), 1), torch.ones(200, 1, dtype=torch.bool)
+    r = sample(student, ids, mask, SamplingParams(max_new_tokens=2, top_k=1), eos_token_id=99, pad_token_id=0,
+               generator=torch.Generator().manual_seed(1), teacher=teacher, skd_top_k=3, draft_tokens=2)
+    assert (r.completion_ids == 2).all() and r.skd_replaced.all()
