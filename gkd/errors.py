@@ -7,11 +7,19 @@ This module imports nothing, so every other module can use it without import cyc
 - ``CheckpointError`` (exit 2): a checkpoint could not be written; earlier checkpoints are intact.
 - ``NonFiniteError`` (exit 3): too many consecutive steps had NaN/inf values; checkpoints untouched.
 - ``Preempted`` (exit 75, ``PREEMPTED_EXIT_CODE``): stopped on SIGTERM/SIGINT after a complete checkpoint.
+- ``TeacherUnavailableError`` (exit 69, ``TEACHER_UNAVAILABLE_EXIT_CODE``): a served teacher did not answer
+  within ``teacher_timeout``; the request may be fine, so it is not bad input (exit 2).
+- ``TeacherChangedError`` (exit 76, ``TEACHER_CHANGED_EXIT_CODE``): after a reconnect the teacher server
+  answered as another model or tokenizer; stopped so that no step is scored by the wrong teacher.
 """
 
-__all__ = ["PREEMPTED_EXIT_CODE", "CheckpointError", "ConfigError", "InputError", "NonFiniteError", "Preempted"]
+__all__ = ["PREEMPTED_EXIT_CODE", "TEACHER_CHANGED_EXIT_CODE", "TEACHER_UNAVAILABLE_EXIT_CODE", "CheckpointError",
+           "ConfigError", "InputError", "NonFiniteError", "Preempted", "TeacherChangedError",
+           "TeacherUnavailableError"]
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoint; resume to continue
+TEACHER_UNAVAILABLE_EXIT_CODE = 69  # EX_UNAVAILABLE: the teacher server did not answer within teacher_timeout
+TEACHER_CHANGED_EXIT_CODE = 76  # EX_PROTOCOL: the teacher server came back as another model / tokenizer
 
 
 class InputError(ValueError):
@@ -27,6 +35,18 @@ class ConfigError(InputError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions); earlier checkpoints are intact."""
+
+
+class TeacherUnavailableError(RuntimeError):
+    """A served teacher did not answer within ``teacher_timeout`` seconds (refused, reset, 5xx); exit 69."""
+
+    exit_code = TEACHER_UNAVAILABLE_EXIT_CODE
+
+
+class TeacherChangedError(RuntimeError):
+    """After a reconnect the teacher server published another model fingerprint or tokenizer hash; exit 76."""
+
+    exit_code = TEACHER_CHANGED_EXIT_CODE
 
 
 class Preempted(Exception):

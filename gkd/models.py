@@ -342,6 +342,9 @@ def load_models(cfg: GKDConfig, acc: Accelerator, student: torch.nn.Module | Non
     vocab_size = len(tokenizer)
     if isinstance(teacher, RemoteTeacher):
         teacher.connect(tokenizer)  # refuses a server with another tokenizer
+    if cfg.teacher_topk > vocab_size and teacher is not None:  # local, served and cached teachers alike
+        logger.info("teacher_topk=%d is above the vocabulary (%d tokens): the teacher's whole distribution is kept "
+                    "(k = %d, exact)", cfg.teacher_topk, vocab_size, vocab_size)
     for name, model in (("student", student), ("teacher", teacher)):
         if isinstance(model, torch.nn.Module) and output_vocab_size(model) < vocab_size:
             raise InputError(f"{name} has {output_vocab_size(model)} output rows but the tokenizer has {vocab_size} tokens: "

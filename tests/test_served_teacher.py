@@ -13,8 +13,9 @@ import torch
 from conftest import tiny_model
 
 from gkd.config import ConfigError, GKDConfig
+from gkd.errors import TeacherChangedError, TeacherUnavailableError
 from gkd.serving.client import RemoteTeacher, TeacherServerError
-from gkd.serving.server import TeacherService, create_app
+from gkd.serving.server import TeacherService, uvicorn_config
 
 ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in [(12, 3), (4, 5), (40, 51), (7, 8), (33, 9),
                                                                        (61, 20), (5, 5), (18, 27)]]
@@ -25,7 +26,7 @@ class LoopbackServer:
     """``create_app`` served by uvicorn in a thread on 127.0.0.1; stop() / start() again on the same port."""
 
     def __init__(self, service: TeacherService | object, api_key: str | None = None) -> None:
-        self.app = create_app(service, api_key) if isinstance(service, TeacherService) else service  # or a ready app
+        self.service, self.api_key = service, api_key  # a TeacherService, or a ready app
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -34,7 +35,10 @@ class LoopbackServer:
     def start(self) -> LoopbackServer:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        config = (uvicorn_config(self.service, host="127.0.0.1", port=self.port, api_key=self.api_key, log_level="error")
+                  if isinstance(self.service, TeacherService) else
+                  uvicorn.Config(self.service, host="127.0.0.1", port=self.port, log_level="error"))
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -119,7 +123,7 @@ def test_unreachable_server_and_other_tokenizer_are_one_line_errors(tokenizer, t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(TeacherServerError, match=r"did not answer /info within 1 s .*gkd serve-teacher"):
+    with pytest.raises(TeacherUnavailableError, match=r"did not answer /info within 1 s .*gkd serve-teacher"):
         _train(tokenizer, tmp_path, "down", None, teacher=f"http://127.0.0.1:{port}", teacher_timeout=1.0)
     other = copy.deepcopy(tokenizer)
     other.add_tokens(["<extra>"])
@@ -253,3 +257,99 @@ def test_cli_run_survives_a_killed_server_and_resumes_exactly(tmp_path):
     killed = losses(tmp_path / "killed")
     assert len(killed) == 24 and len(killed[-1]) == 2
     assert killed == straight and losses(tmp_path / "split") == straight
+
+
+def _swapping_trainer(srv: LoopbackServer, replacement: TeacherService, swapped: threading.Event):
+    """A trainer that, after step 2, stops ``srv`` and serves ``replacement`` on the same port."""
+    from gkd.trainer import GKDTrainer
+
+    class Swapping(GKDTrainer):
+        def log(self, metrics):
+            super().log(metrics)
+            if self.step == 2:
+                srv.stop()
+                srv.service = replacement
+                srv.start()
+                swapped.set()
+
+    return Swapping
+
+
+@pytest.mark.parametrize("change", ["model", "tokenizer"])
+def test_a_server_that_comes_back_as_another_teacher_stops_the_run(tokenizer, tmp_path, teacher, change):
+    """Guards ``RemoteTeacher._verify_identity`` after every new connection: without it the run ends with
+    exit 0 and losses from the wrong teacher."""
+    first = TeacherService(copy.deepcopy(teacher), tokenizer)
+    if change == "model":  # same tokenizer, other weights: only the model fingerprint tells them apart
+        replacement = TeacherService(tiny_model(tokenizer, hidden=64, seed=13), tokenizer)
+        words = "model_fingerprint"
+    else:  # same fingerprint published, another tokenizer
+        other = copy.deepcopy(tokenizer)
+        other.add_tokens(["<extra>"])
+        replacement = TeacherService(tiny_model(other, hidden=64, seed=12, vocab=len(other)), other,
+                                     fingerprint=first.fingerprint)
+        words = "tokenizer_hash"
+    srv = LoopbackServer(first).start()
+    swapped = threading.Event()
+    try:
+        with pytest.raises(TeacherChangedError, match=rf"answered as another teacher after a reconnect \({words}"):
+            _train(tokenizer, tmp_path, "swap", None, _swapping_trainer(srv, replacement, swapped), teacher=srv.url,
+                   lmbda=1.0, log_samples_steps=0)
+    finally:
+        srv.stop()
+    assert swapped.is_set()
+
+
+def test_cli_exit_code_when_the_served_teacher_changes(tokenizer, tmp_path, capsys):
+    """`gkd train` against a server replaced mid-run by another model: one line on stderr, exit 76."""
+    import json
+
+    from gkd.cli import main
+    from gkd.errors import TEACHER_CHANGED_EXIT_CODE
+    from gkd.models import load_model, load_tokenizer, resolve_model
+
+    path = resolve_model("builtin:tiny-teacher", role="teacher")
+    tok = load_tokenizer(path)
+    srv = LoopbackServer(TeacherService(load_model(path, "float32"), tok)).start()
+    out = tmp_path / "run"
+    swapped = threading.Event()
+
+    def swap_after_two_steps() -> None:
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+            time.sleep(0.02)
+        srv.stop()
+        srv.service = TeacherService(tiny_model(tok, hidden=64, seed=99), tok)
+        srv.start()
+        swapped.set()
+
+    threading.Thread(target=swap_after_two_steps, daemon=True).start()
+    try:
+        code = main(["train", "recipes/tiny.yaml", f"teacher={srv.url}", "teacher_topk=8", "lmbda=1", "max_steps=200",
+                     f"output_dir={out}", "progress_bar=false", "save_final_model=false", "log_samples_steps=0"])
+    finally:
+        swapped.wait(timeout=60)
+        srv.stop()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == TEACHER_CHANGED_EXIT_CODE == 76
+    assert "answered as another teacher after a reconnect" in err[-1] and err[-1].startswith("gkd train: error:")
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= len(steps) < 200
+
+
+def test_teacher_topk_above_the_vocabulary_is_the_whole_distribution_locally_and_served(tokenizer, tmp_path, teacher,
+                                                                                         server, caplog):
+    """Local and served teachers both keep all V tokens for teacher_topk > V, with the same note."""
+    import logging
+
+    k = len(tokenizer) + 9
+    with caplog.at_level(logging.INFO, logger="gkd"):
+        _, local = _train(tokenizer, tmp_path, "local", copy.deepcopy(teacher), teacher_topk=k, lmbda=0.5, max_steps=3)
+        notes_local = sum("is above the vocabulary" in r.getMessage() for r in caplog.records)
+        _, remote = _train(tokenizer, tmp_path, "remote", None, teacher=server.url, teacher_topk=k, lmbda=0.5,
+                           max_steps=3)
+    notes = sum("is above the vocabulary" in r.getMessage() for r in caplog.records)
+    assert notes_local == 1 and notes == 2
+    for a, b in zip(local, remote, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], **TOL), a["step"]

@@ -11,8 +11,10 @@ A row is found by the hash of its token ids (prompt + reference, as training tok
 batch composition and order do not matter. The manifest records what the scores depend on: the
 teacher (a fingerprint of its files), the tokenizer (:func:`gkd.serving.protocol.tokenizer_hash`),
 k, the temperature and the prompt / completion length limits; a cache that differs in any of them,
-that lacks a training row, or that was never completed is refused with the reason. Shards are read
-lazily (``safe_open``), so memory does not grow with the dataset.
+that lacks a training row, or that was never completed is refused with the reason. Each shard's size
+and SHA-256 are in the manifest and checked when it is opened (a truncated or altered shard is one
+line, exit 2). Shards are read lazily (``safe_open``), so memory does not grow with the dataset. One
+writer at a time: ``gkd cache-teacher`` holds ``FOLDER.lock`` while it writes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from gkd.errors import InputError
 from gkd.losses import TeacherTopK
 from gkd.serving.protocol import padded_topk, tokenizer_hash
 
-__all__ = ["CACHE_VERSION", "TeacherCache", "row_hash", "teacher_fingerprint", "write_cache"]
+__all__ = ["CACHE_VERSION", "TeacherCache", "file_sha256", "row_hash", "teacher_fingerprint", "write_cache"]
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -44,9 +46,57 @@ def row_hash(prompt_ids: list[int], completion_ids: list[int]) -> bytes:
     return h.digest()
 
 
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) → SHA-256, this process
+
+
+def _hash_memo_file() -> Path:
+    from gkd.task import cache_dir
+
+    return cache_dir() / "file-sha256.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a whole file, streamed (flat memory), remembered by resolved path, size and mtime in
+    this process and in ``$GKD_CACHE/file-sha256.json``: a teacher's weights are read once, not at every
+    start; a file rewritten since (new size or mtime) is hashed again."""
+    real = Path(path).resolve()
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    if key in _FILE_HASHES:
+        return _FILE_HASHES[key]
+    memo_file = _hash_memo_file()
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    entry = memo.get(key[0]) if isinstance(memo, dict) else None
+    if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns] and len(entry) == 3:
+        digest = str(entry[2])
+    else:
+        with real.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        memo = memo if isinstance(memo, dict) else {}
+        memo[key[0]] = [st.st_size, st.st_mtime_ns, digest]
+        try:  # best effort: an unwritable cache folder only costs a re-hash next time
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_file)
+        except OSError:
+            pass
+    _FILE_HASHES[key] = digest
+    return digest
+
+
+def _sha256_now(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def teacher_fingerprint(name: str, path: str | None) -> str:
-    """The teacher's identity: its config and weight files (name, size, SHA-256 of the first and last
-    MiB) when ``path`` is a local folder, else the name it was given (a hub id, a served teacher's URL)."""
+    """The teacher's identity: its ``config.json`` and weight files (name, size and the SHA-256 of the
+    whole file, :func:`file_sha256`) when ``path`` is a local folder, else the name it was given (a hub
+    id, a served teacher's URL)."""
     folder = Path(path) if path else None
     if folder is None or not folder.is_dir():
         return f"name:{name}"
@@ -56,13 +106,7 @@ def teacher_fingerprint(name: str, path: str | None) -> str:
             continue
         if file.suffix == ".json" and file.name != "config.json":
             continue
-        size = file.stat().st_size
-        h.update(f"{file.name}:{size}".encode())
-        with file.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read())
+        h.update(f"{file.name}:{file.stat().st_size}:{file_sha256(file)}".encode())
     return "files:" + h.hexdigest()
 
 
@@ -78,14 +122,38 @@ def write_cache(folder: str | Path, teacher: torch.nn.Module, tokenizer, rows: l
                 fingerprint: str, top_k: int, temperature: float, max_prompt_length: int, max_new_tokens: int,
                 batch_size: int = 16, shard_rows: int = 4096, progress: bool = False) -> dict[str, Any]:
     """Score every row's reference completion with ``teacher`` and write the cache to ``folder``
-    (atomically: a temporary folder renamed at the end, the manifest written last). Returns the manifest."""
+    (atomically: a temporary folder renamed at the end, the manifest written last), holding
+    ``FOLDER.lock``: a second writer is refused with one line. Returns the manifest. A ``top_k`` above
+    the vocabulary keeps the whole distribution (as a live teacher does)."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder.with_name(folder.name + ".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise InputError(f"teacher_cache={str(folder)!r} is being written by another gkd cache-teacher (it holds "
+                         f"{lock.lock_file}): wait for it to finish, or write to another folder") from None
+    try:
+        return _write_cache(folder, teacher, tokenizer, rows, fingerprint=fingerprint, top_k=top_k,
+                            temperature=temperature, max_prompt_length=max_prompt_length,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, shard_rows=shard_rows,
+                            progress=progress)
+    finally:
+        lock.release()
+
+
+def _write_cache(folder: Path, teacher: torch.nn.Module, tokenizer, rows: list[dict[str, Any]], *, fingerprint: str,
+                 top_k: int, temperature: float, max_prompt_length: int, max_new_tokens: int, batch_size: int,
+                 shard_rows: int, progress: bool) -> dict[str, Any]:
+    """:func:`write_cache` once the writer's lock is held."""
     from safetensors.torch import save_file
 
     from gkd.chunked import teacher_topk_and_targets
     from gkd.data import PromptDataset, collate, reference_rollout
     from gkd.scorer import completion_outputs, lm_head
 
-    folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -107,7 +175,8 @@ def write_cache(folder: str | Path, teacher: torch.nn.Module, tokenizer, rows: l
         tensors["offsets"] = torch.tensor(offsets, dtype=torch.int64)
         tensors["hashes"] = torch.frombuffer(bytearray(b"".join(hashes)), dtype=torch.uint8).reshape(-1, 32).clone()
         save_file(tensors, str(tmp / name))
-        shards.append({"file": name, "rows": len(hashes)})
+        shards.append({"file": name, "rows": len(hashes), "bytes": (tmp / name).stat().st_size,
+                       "sha256": _sha256_now(tmp / name)})
         for values in buffer.values():
             values.clear()
         hashes.clear()
@@ -148,7 +217,7 @@ def write_cache(folder: str | Path, teacher: torch.nn.Module, tokenizer, rows: l
             flush()
     flush()
     manifest = {**_key(fingerprint, tokenizer, top_k, temperature, max_prompt_length, max_new_tokens),
-                "rows": len(seen), "dataset": hashlib.sha256(b"".join(sorted(seen))).hexdigest(), "shards": shards}
+                "width": min(top_k, vocab), "rows": len(seen), "dataset": hashlib.sha256(b"".join(sorted(seen))).hexdigest(), "shards": shards}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if folder.exists():
         shutil.rmtree(folder)
@@ -160,7 +229,7 @@ class TeacherCache:
     """A written cache, opened for reading: ``lookup(rollout)`` → the top-k view of its reference rows."""
 
     def __init__(self, folder: str | Path) -> None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError
 
         self.folder = Path(folder)
         manifest = self.folder / MANIFEST
@@ -169,18 +238,34 @@ class TeacherCache:
                     if self.folder.with_name(self.folder.name + ".tmp").exists() or self.folder.exists() else
                     ": run gkd cache-teacher RECIPE first")
             raise InputError(f"teacher_cache={str(folder)!r} has no {MANIFEST}{hint}")
+        self._where: dict[bytes, tuple[int, int, int]] = {}
         try:
             self.manifest = json.loads(manifest.read_text())
-            self._files = [safe_open(str(self.folder / s["file"]), framework="pt") for s in self.manifest["shards"]]
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"teacher_cache={str(folder)!r} is unreadable ({str(e).splitlines()[0]}): run gkd "
-                             "cache-teacher again") from None
-        self._where: dict[bytes, tuple[int, int, int]] = {}
-        for s, fh in enumerate(self._files):
-            hashes, offsets = fh.get_tensor("hashes"), fh.get_tensor("offsets")
-            for i in range(hashes.shape[0]):
-                self._where[bytes(hashes[i].tolist())] = (s, int(offsets[i]), int(offsets[i + 1]))
+            self._files = [self._open_shard(shard) for shard in self.manifest["shards"]]
+            for s, fh in enumerate(self._files):
+                hashes, offsets = fh.get_tensor("hashes"), fh.get_tensor("offsets")
+                positions = fh.get_slice("indices").get_shape()[0]
+                if (hashes.shape != (len(offsets) - 1, 32) or int(offsets[0]) != 0 or int(offsets[-1]) != positions
+                        or bool((offsets[1:] < offsets[:-1]).any())):
+                    raise ValueError(f"{self.manifest['shards'][s]['file']}: inconsistent row index")
+                for i in range(hashes.shape[0]):
+                    self._where[bytes(hashes[i].tolist())] = (s, int(offsets[i]), int(offsets[i + 1]))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            raise InputError(f"teacher_cache={str(folder)!r} is damaged or unreadable ({str(e).splitlines()[0]}): "
+                             "run gkd cache-teacher again") from None
         self.hits = 0
+
+    def _open_shard(self, shard: dict[str, Any]) -> Any:
+        """``safe_open`` a shard after checking its size and SHA-256 against the manifest."""
+        from safetensors import safe_open
+
+        path = self.folder / shard["file"]
+        size = path.stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:
+            raise ValueError(f"{shard['file']} has {size} bytes, the manifest says {shard['bytes']} (truncated?)")
+        if "sha256" in shard and file_sha256(path) != shard["sha256"]:
+            raise ValueError(f"{shard['file']} does not match the SHA-256 in the manifest (altered since written)")
+        return safe_open(str(path), framework="pt")
 
     def check(self, *, fingerprint: str, tokenizer, top_k: int, temperature: float, max_prompt_length: int,
               max_new_tokens: int) -> None:
@@ -204,7 +289,7 @@ class TeacherCache:
 
     def lookup(self, rollout) -> TeacherTopK:
         """The cached top-k view ``(B, L, k)`` of a reference rollout; padded positions hold a uniform top-k."""
-        k = int(self.manifest["top_k"])
+        k = int(self.manifest.get("width", self.manifest["top_k"]))  # top_k, or the vocabulary when smaller
         pm, cm = rollout.prompt_mask.cpu(), rollout.completion_mask.cpu()
         b, length = cm.shape
         indices, logprobs, tail = padded_topk(b, length, k)

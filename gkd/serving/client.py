@@ -9,8 +9,14 @@ sequence, from which the tail bucket is ``log(1 − Σ top-k)`` (exact top-k; th
 precision; temperature 1 only, as vLLM's prompt log-probs are raw). Requests are split to the server's limits; a lost connection, a
 timeout or a 5xx is retried with exponential backoff until ``timeout`` seconds have passed (a
 restarted server is waited for, and the step goes on where it was: no step is lost or repeated,
-because scoring has no side effects). A 4xx is the request's fault and fails at once with the
-server's one-line reason.
+because scoring has no side effects); then :class:`gkd.errors.TeacherUnavailableError` (exit 69). A
+4xx is the request's fault and fails at once with the server's one-line reason (exit 2).
+
+Whenever the client opens a new connection (a restarted server, an expired keep-alive) it asks the
+server who it is again before using its answer (``/info``'s model fingerprint and tokenizer hash;
+vLLM: the model id and the tokenizer probe) and stops with :class:`gkd.errors.TeacherChangedError`
+(exit 76) when another teacher answers: a server restarted with another model on the same port
+would otherwise train the student against the wrong teacher without a word.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 import torch
 
-from gkd.errors import InputError
+from gkd.errors import InputError, TeacherChangedError, TeacherUnavailableError
 from gkd.losses import TeacherTopK
 from gkd.rollout import Rollout
 from gkd.serving.protocol import PROTOCOL_VERSION, decode_array, padded_topk, tokenizer_hash
@@ -34,7 +40,7 @@ logger = logging.getLogger("gkd")
 
 
 class TeacherServerError(InputError):
-    """The teacher server refused a request, or could not be reached within the timeout."""
+    """The teacher server refused a request (a 4xx) or is not a teacher this run can use (exit 2)."""
 
 
 def is_remote_teacher(name: str | None) -> bool:
@@ -58,6 +64,9 @@ class RemoteTeacher:
         self.backend = ""  # "gkd" (gkd serve-teacher) or "vllm" (vLLM's OpenAI-compatible server), set by connect
         self.requests = 0  # successful requests (benchmarks, tests)
         self.retries = 0
+        self.identity_checks = 0  # identity re-checks after new connections (tests)
+        self._new_connection = False  # set by httpcore's trace when a TCP connection is opened
+        self._probe_ids: list[int] = []  # vLLM: the student tokenizer's ids of the probe text
 
     @classmethod
     def from_config(cls, url: str, api_key_env: str = "GKD_TEACHER_API_KEY", timeout: float = 600.0) -> RemoteTeacher:
@@ -68,8 +77,12 @@ class RemoteTeacher:
 
     # --- transport --------------------------------------------------------------------------
 
+    def _trace(self, event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.complete":
+            self._new_connection = True
+
     def _call(self, method: str, path: str, payload: dict[str, Any] | None = None,
-              missing_ok: bool = False) -> dict[str, Any] | None:
+              missing_ok: bool = False, verify: bool = True) -> dict[str, Any] | None:
         import httpx
 
         deadline = time.monotonic() + self.timeout
@@ -77,13 +90,20 @@ class RemoteTeacher:
         last = ""
         while True:
             try:
-                response = self._client.request(method, self.url + path, json=payload)
+                response = self._client.request(method, self.url + path, json=payload,
+                                                extensions={"trace": self._trace})
             except httpx.TransportError as e:  # refused, reset, timed out: the server may be restarting
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             else:
                 if response.status_code < 400:
                     self.requests += 1
-                    return response.json()
+                    if verify and self._new_connection and self.backend:
+                        self._verify_identity()  # a new connection may reach another server: ask who answered
+                    try:
+                        return response.json()
+                    except ValueError:
+                        raise TeacherServerError(f"teacher server {self.url} answered {path} with a body that is "
+                                                 "not JSON") from None
                 if response.status_code == 404 and missing_ok:
                     return None
                 reason = _reason(response)
@@ -91,9 +111,9 @@ class RemoteTeacher:
                     raise TeacherServerError(f"teacher server {self.url} refused {path} ({response.status_code}): {reason}")
                 last = f"HTTP {response.status_code}: {reason}"
             if time.monotonic() + wait > deadline:
-                raise TeacherServerError(f"teacher server {self.url} did not answer {path} within {self.timeout:g} s "
-                                         f"(last: {last}); is `gkd serve-teacher` or `vllm serve` running there? "
-                                         "(teacher_timeout)")
+                raise TeacherUnavailableError(
+                    f"teacher server {self.url} did not answer {path} within {self.timeout:g} s (last: {last}); is "
+                    "`gkd serve-teacher` or `vllm serve` running there? (teacher_timeout)")
             self.retries += 1
             logger.warning("teacher server %s: %s; retrying in %.1f s", self.url, last, wait)
             time.sleep(wait)
@@ -118,7 +138,32 @@ class RemoteTeacher:
                 f"{str(info.get('tokenizer_hash'))[:12]}… vs the student's {mine[:12]}…, vocabulary "
                 f"{info.get('vocab_size')} vs {len(tokenizer)}): token-level distillation needs one tokenizer")
         self.info, self.backend = info, "gkd"
+        self._new_connection = False
         return info
+
+    def _verify_identity(self) -> None:
+        """After a new connection: refuse a server that now serves another model or tokenizer."""
+        self._new_connection = False
+        self.identity_checks += 1
+        if self.backend == "vllm":
+            models = self._call("GET", "/v1/models", verify=False) or {}
+            name = str((models.get("data") or [{}])[0].get("id"))
+            theirs = self._call("POST", "/tokenize", {"model": name, "prompt": _TOKENIZER_PROBE,
+                                                      "add_special_tokens": False}, verify=False) or {}
+            changed = [f"model {self.info['model']} → {name}"] if name != self.info["model"] else []
+            if theirs.get("tokens") != self._probe_ids:
+                changed.append("the tokenizer probe tokenizes differently")
+        else:
+            info = self._call("GET", "/info", verify=False) or {}
+            changed = [f"{key} {str(self.info.get(key))[:16]}… → {str(info.get(key))[:16]}…"
+                       for key in ("model_fingerprint", "tokenizer_hash") if info.get(key) != self.info.get(key)]
+            if info.get("model") != self.info.get("model"):
+                changed.insert(0, f"model {self.info.get('model')} → {info.get('model')}")
+        if changed:
+            raise TeacherChangedError(
+                f"teacher server {self.url} answered as another teacher after a reconnect ({'; '.join(changed)}): "
+                "stopped so that no step is scored by it; serve the original teacher again and resume from the "
+                "last checkpoint (resume_from_checkpoint=latest)")
 
     def _connect_vllm(self, model: dict[str, Any], tokenizer) -> dict[str, Any]:
         """vLLM has no tokenizer hash: tokenize a probe text on both sides and compare the ids."""
@@ -131,7 +176,7 @@ class RemoteTeacher:
                                      "student's tokenizer: token-level distillation needs one tokenizer")
         self.info = {"model": name, "max_model_len": model.get("max_model_len"), "max_batch_size": 64,
                      "max_batch_tokens": 65536, "vocab_size": len(tokenizer)}
-        self.backend = "vllm"
+        self.backend, self._probe_ids, self._new_connection = "vllm", mine, False
         return self.info
 
     # --- scoring ----------------------------------------------------------------------------
@@ -158,9 +203,10 @@ class RemoteTeacher:
         positions hold a uniform top-k (finite, masked out by every loss) and log-prob 0."""
         if not self.info:
             raise TeacherServerError(f"teacher server {self.url}: connect() first")
-        k = min(topk, int(self.info.get("max_top_k", topk)))
-        if k != topk:
-            raise TeacherServerError(f"teacher_topk={topk} is above the teacher server's limit of {k} (max_top_k)")
+        k = min(topk, int(self.info.get("vocab_size", topk)))  # above the vocabulary: all of it, as a local teacher
+        if k > int(self.info.get("max_top_k", k)):
+            raise TeacherServerError(f"teacher_topk={topk} is above the teacher server's limit of "
+                                     f"{self.info['max_top_k']} (its max_top_k): lower teacher_topk")
         if self.backend == "vllm" and temperature != 1.0:
             raise TeacherServerError(f"a vLLM teacher returns its raw log-probs (temperature 1); loss temperature "
                                      f"{temperature:g} needs gkd serve-teacher or a local teacher")
