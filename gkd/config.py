@@ -168,7 +168,8 @@ class GKDConfig:
     report_to: list[str] = _f(["none"], "Trackers besides metrics.jsonl, through accelerate: tensorboard, wandb, or none.")
     term_grad_norm_steps: int = _f(0, "Every N steps, log the gradient norm of each loss term on its own (grad_norm_<term>: the norm of d(weight × term's token mean)/dθ on the first micro-batch of the main process, e.g. MiniLLM's pg vs single_step vs lm; grad_norm_loss for their sum): which term drives the update. Costs one unchunked forward and one backward per term on those steps; not under DeepSpeed or fused_lm_head. 0: never.")
     log_samples_steps: int = _f(-1, "Every N steps, log a few of the step's completions with their teacher log-prob to the log and samples.jsonl; -1 (default): at steps 1, 10, 100, 1000, … (a look at the samples early, when a collapse starts); 0: never. `source` says whose: the student's own (on-policy steps), the dataset's references or the teacher's samples (seq_kd).")
-    eval_steps: int = _f(0, "Every N optimizer steps and after the last one, evaluate the student greedily on eval_prompts held-out prompts (the dataset's validation part: builtin:addition's held-out problems, or validation_size rows): eval_accuracy (task checker, else exact match with the reference), eval_rouge_l (with references), eval_forward_kl / eval_reverse_kl against the teacher on the student's own completions, eval_len. 0: never.")
+    fidelity_topk: int = _f(16, "On-policy steps log how close the student is to the teacher on its own samples (docs/concepts.md, gkd/fidelity.py): onpolicy_rkl (exact reverse KL, local full-logit teacher), onpolicy_rkl_sampled (log q − log p of the sampled token, also from a served teacher), onpolicy_rkl_buckets (top-k teacher view), and with this k > 0 onpolicy_topk_overlap / onpolicy_topk_mass (the teacher's top-k tokens, and their probability mass, inside the student's top-k). 0: no top-k metrics.")
+    eval_steps: int = _f(0, "Every N optimizer steps and after the last one, evaluate the student greedily on eval_prompts held-out prompts (the dataset's validation part: builtin:addition's held-out problems, or validation_size rows): eval_accuracy (task checker, else exact match with the reference), eval_rouge_l (with references), eval_forward_kl / eval_reverse_kl against the teacher on the student's own completions, eval_len, and on held-out rows with verifiable instructions (IFEval's instruction_id_list / kwargs; needs the eval extra) eval_ifeval_prompt_strict / eval_ifeval_instruction_strict / eval_ifeval_prompt_loose / eval_ifeval_instruction_loose. 0: never.")
     eval_prompts: int = _f(128, "eval_steps: held-out prompts per evaluation, split evenly across processes.")
     save_steps: int = _f(0, "Save a checkpoint every N optimizer steps (0: only the final model).")
     save_total_limit: int = _f(0, "Keep only the newest N complete checkpoints (0 keeps all).")
@@ -210,6 +211,7 @@ class GKDConfig:
             (self.log_samples_steps >= -1, "log_samples_steps", "must be >= 0, or -1 (steps 1, 10, 100, …)"),
             (self.save_steps >= 0, "save_steps", "must be >= 0"),
             (self.eval_steps >= 0, "eval_steps", "must be >= 0 (0: never)"),
+            (self.fidelity_topk >= 0, "fidelity_topk", "must be >= 0 (0: no top-k metrics)"),
             (self.eval_prompts > 0, "eval_prompts", "must be > 0"),
             (self.max_consecutive_skips >= 0, "max_consecutive_skips", "must be >= 0"),
             (self.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps all)"),

@@ -714,9 +714,22 @@ def evaluate_in_training(student: torch.nn.Module, tokenizer, rows: list[dict[st
     parts = [(k, v, per_token) for k, v, per_token in (
         ("eval_accuracy", r.accuracy, False), ("eval_rouge_l", r.rouge_l, False),
         ("eval_forward_kl", r.forward_kl, True), ("eval_reverse_kl", r.reverse_kl, True)) if v is not None]
+    # verifiable instructions: counts summed over processes (every process takes part, with zeros if it
+    # holds no constrained row, so the all-reduce below has one shape everywhere)
+    scores = r.verifiable or {}
+    ifeval = [float(scores.get("num_prompts", 0)), scores.get("prompt_strict", 0.0) * scores.get("num_prompts", 0),
+              scores.get("prompt_loose", 0.0) * scores.get("num_prompts", 0), float(scores.get("num_instructions", 0)),
+              scores.get("instruction_strict", 0.0) * scores.get("num_instructions", 0),
+              scores.get("instruction_loose", 0.0) * scores.get("num_instructions", 0)]
     total_n, total_tokens, *sums = distributed.all_reduce_sum(torch.tensor(
-        [n, tokens, *(v * (tokens if per_token else n) for _, v, per_token in parts)], dtype=torch.float64)).tolist()
+        [n, tokens, *ifeval, *(v * (tokens if per_token else n) for _, v, per_token in parts)],
+        dtype=torch.float64)).tolist()
+    (prompts, p_strict, p_loose, instructions, i_strict, i_loose), sums = sums[:6], sums[6:]
     out = {k: total / (max(total_tokens, 1.0) if per_token else total_n)
            for (k, _, per_token), total in zip(parts, sums, strict=True)}
+    if prompts > 0:
+        out.update(eval_ifeval_prompt_strict=p_strict / prompts, eval_ifeval_prompt_loose=p_loose / prompts,
+                   eval_ifeval_instruction_strict=i_strict / instructions,
+                   eval_ifeval_instruction_loose=i_loose / instructions, eval_ifeval_prompts=prompts)
     out.update(eval_len=total_tokens / total_n, time_eval=time.perf_counter() - start)
     return out

@@ -18,8 +18,16 @@ import torch
 
 from gkd import distributed
 from gkd.algorithms.base import Algorithm, RunParts
-from gkd.algorithms.common import logit_terms_fn, loss_output, run_per_token, structure_terms, views
+from gkd.algorithms.common import (
+    flat_positions,
+    logit_terms_fn,
+    loss_output,
+    run_per_token,
+    structure_terms,
+    views,
+)
 from gkd.data import reference_rollout, require_references
+from gkd.fidelity import fidelity_terms
 from gkd.losses import policy_gradient_loss, token_logprobs
 from gkd.objectives import temperature_at
 from gkd.rewards import score_rollouts
@@ -162,6 +170,22 @@ class GKD(Algorithm):
             return {"divergence": cfg.alpha, "reward_pg": 1.0 - cfg.alpha}
         return {"divergence": 1.0}
 
+    def fidelity_fn(self, rollout: Rollout, scored: Any) -> Callable[[torch.Tensor, Any], dict[str, torch.Tensor]]:
+        """Per-token on-policy fidelity metrics (:mod:`gkd.fidelity`) of a chunk of student logits; none
+        off-policy. Metrics only: no gradient, not in the loss."""
+        if not rollout.on_policy:
+            return lambda z, rows: {}
+        cfg = self.config
+        ids = rollout.completion_ids.reshape(-1)
+        teacher = flat_positions(scored.teacher_logits)
+        tokens = scored.token_logprobs.reshape(-1) if scored.token_logprobs is not None else None
+
+        def fn(z: torch.Tensor, rows: Any) -> dict[str, torch.Tensor]:
+            return fidelity_terms(z, ids[rows], teacher[rows] if teacher is not None else None,
+                                  tokens[rows] if tokens is not None else None, topk=cfg.fidelity_topk,
+                                  teacher_temperature=self.loss_temperature)
+        return fn
+
     def loss(self, rollout: Rollout) -> LossOutput:
         """Per token ``α·Σ_i w_i·D_i + (1−α)·(−A·log q_θ(y_t))`` (Algorithm 1, eq. 5)."""
         cfg, parts = self.config, self.parts
@@ -175,10 +199,11 @@ class GKD(Algorithm):
             logit_terms = logit_terms_fn(parts, rollout, scored.teacher_logits, tau)
             structure, structure_parts = structure_terms(parts, rollout, student, scored, tau)
             alpha = cfg.alpha if with_reward else 1.0
+            fidelity = self.fidelity_fn(rollout, scored)
 
             def fn(z: torch.Tensor, rows: Any) -> dict[str, torch.Tensor]:
                 div, terms = logit_terms(z, rows)
-                out = {"divergence": div}
+                out = {"divergence": div, **fidelity(z, rows)}
                 if cfg.objectives:  # each part of the weighted sum logged on its own
                     out.update({f"loss_{label}": value for label, value in terms.items()})
                 if adv is None:
