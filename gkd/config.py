@@ -19,6 +19,7 @@ import yaml
 
 from gkd.errors import ConfigError, InputError
 from gkd.losses import LOGIT_OBJECTIVES, REDUCTIONS
+from gkd.sampled_token import SAMPLED_OBJECTIVES
 
 __all__ = ["ALGORITHM_NAMES", "MINILLM_PRESETS", "ConfigError", "GKDConfig", "InputError", "apply_overrides", "load_config"]
 
@@ -86,7 +87,7 @@ class GKDConfig:
     lmbda_schedule: str = _f("constant", "How λ moves over training: constant, or linear / cosine from lmbda (first step after the warm-up) to lmbda_end (last step): a curriculum from the dataset's or teacher's text to the student's own.")
     lmbda_end: float | None = _f(None, "λ at the last step under a linear / cosine lmbda_schedule.")
     off_policy_warmup_steps: int = _f(0, "The first N optimizer steps are off-policy (λ = 0: references, or teacher samples with seq_kd), then lmbda_schedule runs; a student broken at the start (a pruned one) first learns from text it did not write.")
-    divergence: str = _f("jsd", f"Token-level objective when `objectives` is empty: one of {', '.join(LOGIT_OBJECTIVES)}.")
+    divergence: str = _f("jsd", f"Token-level objective when `objectives` is empty: one of {', '.join((*LOGIT_OBJECTIVES, *SAMPLED_OBJECTIVES))}. sampled_reverse_kl is tinker-cookbook's on-policy distillation (gkd/sampled_token.py): per token −A_t·log q_θ(y_t) with the advantage A_t = log p(y_t) − log q_old(y_t) of the sampled token (no discount, one update per rollout), the gradient of the reverse KL in expectation over the student's own samples; it needs only the teacher's log-prob of each token (a served teacher without teacher_topk).")
     beta: float = _f(0.5, "β of the generalized JSD (divergence=jsd): 0 = forward KL, 1 = reverse KL.")
     skew: float = _f(0.1, "Skew a of skew_forward_kl / skew_reverse_kl (DistiLLM).")
     kd_weight: float = _f(0.5, "Classic KD (divergence=kd): weight w of the soft term; (1 − w) goes to CE on reference tokens.")
@@ -101,7 +102,7 @@ class GKDConfig:
     skd_draft_tokens: int = _f(4, "rollout=skd: tokens the student drafts per teacher pass; drafts are kept up to the first one outside the teacher's top-K, which the teacher's draw replaces (exactly token-by-token SKD for any value; 1: the teacher steps with every token).")
 
     # --- more objectives (DKD, logit MSE, hidden states, attention) and their weighted sum ---
-    objectives: list[str] = _f([], "Weighted sum of objectives, e.g. ['0.7*jsd(beta=0.5)', '0.3*hidden_mse']; entries WEIGHT*NAME(key=value). Names: the divergences, dkd, logit_mse, hidden_mse, hidden_cosine, attention_kl. Empty: 1·divergence. With minillm they are added to its loss.")
+    objectives: list[str] = _f([], "Weighted sum of objectives, e.g. ['0.7*jsd(beta=0.5)', '0.3*hidden_mse']; entries WEIGHT*NAME(key=value). Names: the divergences, dkd, logit_mse, sampled_reverse_kl, hidden_mse, hidden_cosine, attention_kl. Empty: 1·divergence. With minillm they are added to its loss.")
     dkd_alpha: float = _f(1.0, "dkd: weight α of the target-class term TCKD (Zhao et al. 2022).")
     dkd_beta: float = _f(1.0, "dkd: weight β of the non-target term NCKD (the paper uses 8 on CIFAR-100, 0.5 on ImageNet).")
     layer_map: dict[int, int] = _f({}, "Hidden / attention objectives: {student_layer: teacher_layer} with output_hidden_states indices (0 = embeddings, i = block i); empty = uniform map of every student block.")
@@ -242,7 +243,7 @@ class GKDConfig:
         choices = {
             "algorithm": list(ALGORITHM_NAMES),
             "reward_baseline": ["batch", "group"],
-            "divergence": list(LOGIT_OBJECTIVES),
+            "divergence": [*LOGIT_OBJECTIVES, *SAMPLED_OBJECTIVES],
             "loss_temperature_schedule": ["constant", "linear", "cosine"],
             "lmbda_schedule": ["constant", "linear", "cosine"],
             "rollout": ["student", "skd"],
@@ -266,7 +267,7 @@ class GKDConfig:
             from gkd.losses import TOPK_OBJECTIVES
 
             for obj in objectives:
-                if obj.name not in TOPK_OBJECTIVES and not (obj.uses_hidden or obj.uses_attention):
+                if obj.name not in (*TOPK_OBJECTIVES, *SAMPLED_OBJECTIVES) and not (obj.uses_hidden or obj.uses_attention):
                     raise ConfigError(f"teacher_topk={self.teacher_topk} cannot be used with {obj.name!r}, which needs every "
                                       f"teacher logit; set teacher_topk: 0 or use one of {', '.join(TOPK_OBJECTIVES)}")
         if self.lmbda_schedule != "constant" and self.lmbda_end is None:
@@ -310,6 +311,9 @@ class GKDConfig:
             if self.loss_temperature_schedule != "constant":
                 raise ConfigError(f"teacher_cache holds scores at one temperature; loss_temperature_schedule="
                                   f"{self.loss_temperature_schedule!r} needs the live teacher")
+            if any(o.name in SAMPLED_OBJECTIVES for o in objectives):
+                raise ConfigError("teacher_cache holds the teacher's top-k, not each token's log-prob that "
+                                  "sampled_reverse_kl needs; drop teacher_cache")
         if not self.teacher and not self.is_pure_sft:
             raise ConfigError(
                 "teacher is required (only pure SFT, i.e. divergence=kd with kd_weight=0 and lmbda=0, runs without one)"
@@ -338,7 +342,11 @@ class GKDConfig:
         if not (isinstance(self.teacher, str) and self.teacher.startswith(("http://", "https://"))):
             return
         served = f"teacher={self.teacher} (a served teacher)"
-        if not self.teacher_topk:
+        from gkd.objectives import parse_objectives
+
+        objectives = parse_objectives(self.objectives) or parse_objectives([self.divergence])
+        tokens_only = self.algorithm == "gkd" and all(o.name in SAMPLED_OBJECTIVES for o in objectives)
+        if not self.teacher_topk and not tokens_only:  # sampled_reverse_kl alone needs only log p(y_t)
             raise ConfigError(f"{served} sends the top-k of its distribution: set teacher_topk (e.g. 64; exact when "
                               "k is the vocabulary size)")
         if self.seq_kd:

@@ -29,12 +29,14 @@ from gkd.losses import (
     hidden_cosine_per_token,
     hidden_mse_per_token,
 )
+from gkd.sampled_token import SAMPLED_OBJECTIVES, sampled_reverse_kl_per_token
 
 if TYPE_CHECKING:
     from gkd.config import GKDConfig
 
 __all__ = [
     "ATTENTION_OBJECTIVES",
+    "SAMPLED_OBJECTIVES",
     "HIDDEN_OBJECTIVES",
     "OBJECTIVE_NAMES",
     "PROJECTION_ATTR",
@@ -51,7 +53,7 @@ __all__ = [
 
 HIDDEN_OBJECTIVES = ("hidden_mse", "hidden_cosine")
 ATTENTION_OBJECTIVES = ("attention_kl",)
-OBJECTIVE_NAMES: tuple[str, ...] = (*LOGIT_OBJECTIVES, *HIDDEN_OBJECTIVES, *ATTENTION_OBJECTIVES)
+OBJECTIVE_NAMES: tuple[str, ...] = (*LOGIT_OBJECTIVES, *SAMPLED_OBJECTIVES, *HIDDEN_OBJECTIVES, *ATTENTION_OBJECTIVES)
 #: which per-objective keys each family accepts inside ``name(...)``
 _PARAMS = {"jsd": {"beta"}, "skew_forward_kl": {"skew"}, "skew_reverse_kl": {"skew"}, "kd": {"kd_weight"},
            "dkd": {"dkd_alpha", "dkd_beta"}}
@@ -212,6 +214,16 @@ class ObjectiveSetup:
         """Hidden-state / attention objectives (no vocabulary axis: computed on whole tensors)."""
         return [o for o in self.objectives if o.uses_hidden or o.uses_attention]
 
+    @property
+    def needs_token_logprobs(self) -> bool:
+        """An objective reads the teacher's log-prob of each completion token (``sampled_reverse_kl``)."""
+        return any(o.name in SAMPLED_OBJECTIVES for o in self.objectives)
+
+    @property
+    def needs_teacher_distribution(self) -> bool:
+        """An objective reads more of the teacher than one token's log-prob (logits, top-k, hidden states)."""
+        return any(o.name not in SAMPLED_OBJECTIVES for o in self.objectives)
+
 
 def setup_objectives(cfg: GKDConfig, student: torch.nn.Module, teacher: torch.nn.Module | None) -> ObjectiveSetup:
     """Parse the weighted objectives; for hidden-state / attention objectives resolve the layer map,
@@ -278,16 +290,24 @@ def objective_terms(
     projection: HiddenProjection | None = None,
     student_attentions: dict[int, torch.Tensor] | None = None,
     teacher_attentions: dict[int, torch.Tensor] | None = None,
+    teacher_token_logprobs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token ``(B, L)`` value of every objective, keyed by label, unweighted.
 
-    ``defaults`` holds the flat config values (beta, skew, kd_weight, dkd_alpha, dkd_beta); an
-    objective's own ``params`` override them. Hidden / attention inputs are dicts keyed by layer.
+    ``defaults`` holds the flat config values (beta, skew, kd_weight, dkd_alpha, dkd_beta, and
+    sample_temperature: the sampling temperature, for ``sampled_reverse_kl``); an objective's own
+    ``params`` override them. Hidden / attention inputs are dicts keyed by layer;
+    ``teacher_token_logprobs`` is the teacher's log p(y_t) of each completion token.
     """
     terms: dict[str, torch.Tensor] = {}
     for obj in objectives:
         p = {**defaults, **obj.params}
-        if obj.name in LOGIT_OBJECTIVES:
+        if obj.name in SAMPLED_OBJECTIVES:  # gkd.sampled_token: the sampled token's reverse-KL advantage
+            if teacher_token_logprobs is None:
+                raise ValueError(f"{obj.name} needs the teacher's log-prob of each completion token")
+            terms[obj.label] = sampled_reverse_kl_per_token(student_logits, teacher_token_logprobs, completion_ids,
+                                                            p.get("sample_temperature", 1.0))
+        elif obj.name in LOGIT_OBJECTIVES:
             terms[obj.label] = distillation_loss_per_token(
                 student_logits, teacher_logits, divergence=obj.name, beta=p["beta"], skew=p["skew"],
                 temperature=temperature, kd_weight=p["kd_weight"], dkd_alpha=p["dkd_alpha"], dkd_beta=p["dkd_beta"],

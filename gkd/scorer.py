@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gkd.chunked import teacher_topk
+from gkd.chunked import teacher_topk_and_targets
 from gkd.errors import InputError
 from gkd.losses import TeacherTopK
 from gkd.rollout import Rollout, position_ids_from_mask
@@ -41,7 +41,7 @@ class ScoredRollout:
     # len(tokenizer)), or their top-k compression (teacher_topk)
     teacher_hidden: dict[int, torch.Tensor] | None = None  # layer → (B, L, H_T) hidden states (hidden objectives)
     teacher_attentions: dict[int, torch.Tensor] | None = None  # block → (B, heads, L, S) attention probabilities
-    token_logprobs: torch.Tensor | None = None  # (B, L) log p(y_t) of the unprocessed teacher (served teacher only)
+    token_logprobs: torch.Tensor | None = None  # (B, L) log p(y_t) of the unprocessed teacher (served; local on request)
 
 
 @dataclass
@@ -165,6 +165,7 @@ def score(
     topk: int = 0,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    with_token_logprobs: bool = False,
 ) -> ScoredRollout:
     """Teacher logits (and requested hidden states / attentions) on the rollout, eval mode, no gradient.
 
@@ -173,7 +174,9 @@ def score(
     ``chunk_size`` positions at a time, so full teacher logits are never materialised.
 
     A served teacher (:class:`gkd.serving.client.RemoteTeacher`) always answers with top-k (k = 1
-    when ``topk`` is 0: only ``token_logprobs`` is wanted then) and the completion tokens' log-probs."""
+    when ``topk`` is 0: only ``token_logprobs`` is wanted then) and the completion tokens' log-probs.
+    A local teacher fills ``token_logprobs`` (log p(y_t), unprocessed: temperature 1) on request
+    (``with_token_logprobs``: the sampled-token objective), from the same logits / chunks."""
     if teacher is None:
         return ScoredRollout(rollout=rollout, teacher_logits=None)
     if isinstance(teacher, RemoteTeacher):
@@ -186,14 +189,21 @@ def score(
     out = completion_outputs(teacher, rollout, vocab_size, hidden_layers=hidden_layers,
                              attention_layers=attention_layers, final_hidden=topk > 0)
     teacher_view: torch.Tensor | TeacherTopK | None = out.logits
+    tokens = None
+    ids = rollout.completion_ids
     if topk > 0:
         assert out.final_hidden is not None
         b, length, h = out.final_hidden.shape
-        teacher_view = teacher_topk(out.final_hidden.reshape(b * length, h), topk, head=lm_head(teacher),
-                                    vocab_size=vocab_size, temperature=temperature,
-                                    chunk_size=chunk_size or b * length).reshape(b, length)
+        teacher_view, picked = teacher_topk_and_targets(
+            out.final_hidden.reshape(b * length, h), topk, ids.reshape(-1) if with_token_logprobs else None,
+            head=lm_head(teacher), vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size or b * length)
+        teacher_view = teacher_view.reshape(b, length)
+        tokens = picked.reshape(b, length) if picked is not None else None
+    elif with_token_logprobs:
+        assert out.logits is not None
+        tokens = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, ids.long()[..., None])[..., 0]
     return ScoredRollout(rollout=rollout, teacher_logits=teacher_view, teacher_hidden=out.hidden,
-                         teacher_attentions=out.attentions)
+                         teacher_attentions=out.attentions, token_logprobs=tokens)
 
 
 def check_tokenizers_match(student_tokenizer, teacher_tokenizer) -> None:

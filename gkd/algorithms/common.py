@@ -14,7 +14,9 @@ from gkd.chunked import ChunkFn, chunked_loss, token_weights
 from gkd.losses import TeacherTopK
 from gkd.objectives import PROJECTION_ATTR, objective_terms
 from gkd.rollout import Rollout
+from gkd.sampled_token import teacher_token_logprobs
 from gkd.scorer import CompletionOutputs, ScoredRollout, completion_outputs, lm_head, score
+from gkd.serving.client import RemoteTeacher
 from gkd.update import LossOutput
 
 __all__ = ["PerTokenFn", "flat_positions", "logit_terms_fn", "loss_output", "objective_defaults", "run_per_token",
@@ -28,7 +30,25 @@ def teacher_view(parts: RunParts, rollout: Rollout, temperature: float, cache: b
     """The teacher's view of a rollout (scorer, no grad): full logits or top-k, plus hidden states /
     attentions for those objectives. With ``cache`` (MiniLLM's buffer, scored by every PPO epoch) the
     top-k scores are computed once per rollout and reused while τ is unchanged. With ``teacher_cache``,
-    the dataset's reference rows are read from the cache written by ``gkd cache-teacher``."""
+    the dataset's reference rows are read from the cache written by ``gkd cache-teacher``. When an
+    objective needs only the teacher's log-prob of each token (``sampled_reverse_kl``), ``token_logprobs``
+    is filled, from the rollout when its sampler stored it (SKD; no teacher pass at all then if no
+    other objective needs the teacher), and a served teacher is asked for k = 1 only."""
+    obj = parts.objectives
+    if obj.needs_token_logprobs and not _needs_distribution(parts) and rollout.teacher_logprobs is not None:
+        return ScoredRollout(rollout=rollout, teacher_logits=None, token_logprobs=rollout.teacher_logprobs)
+    scored = _teacher_scores(parts, rollout, temperature, cache)
+    if obj.needs_token_logprobs:
+        scored.token_logprobs = teacher_token_logprobs(rollout.teacher_logprobs, scored.token_logprobs)
+    return scored
+
+
+def _needs_distribution(parts: RunParts) -> bool:
+    """More of the teacher than log p(y_t) is read: by an objective, or by MiniLLM's single-step term."""
+    return parts.objectives.needs_teacher_distribution or parts.config.algorithm == "minillm"
+
+
+def _teacher_scores(parts: RunParts, rollout: Rollout, temperature: float, cache: bool) -> ScoredRollout:
     cfg, obj = parts.config, parts.objectives
     cache_file = parts.teacher_cache
     if cache_file is not None and rollout.is_reference and temperature == cache_file.manifest["temperature"]:
@@ -36,9 +56,13 @@ def teacher_view(parts: RunParts, rollout: Rollout, temperature: float, cache: b
     cacheable = cfg.teacher_topk > 0 and not obj.hidden_layers[1] and not obj.attention_layers[1]
     if cacheable and rollout.teacher_cache is not None and rollout.teacher_cache[0] == temperature:
         return ScoredRollout(rollout=rollout, teacher_logits=rollout.teacher_cache[1])
+    topk = cfg.teacher_topk
+    if not _needs_distribution(parts) and isinstance(parts.teacher, RemoteTeacher):
+        topk, temperature = 0, 1.0  # only log p(y_t) (unprocessed): the server sends k = 1, no top-k transfer
     scored = score(parts.teacher, rollout, parts.vocab_size, hidden_layers=obj.hidden_layers[1],
-                   attention_layers=obj.attention_layers[1], topk=cfg.teacher_topk, temperature=temperature,
-                   chunk_size=cfg.loss_chunk_size)
+                   attention_layers=obj.attention_layers[1], topk=topk, temperature=temperature,
+                   chunk_size=cfg.loss_chunk_size,
+                   with_token_logprobs=obj.needs_token_logprobs and rollout.teacher_logprobs is None)
     if cacheable and cache and isinstance(scored.teacher_logits, TeacherTopK):
         rollout.teacher_cache = (temperature, scored.teacher_logits)
     return scored
@@ -81,7 +105,7 @@ def objective_defaults(parts: RunParts) -> dict[str, float]:
     """The flat config values an objective's own parameters override."""
     cfg = parts.config
     return {"beta": cfg.beta, "skew": cfg.skew, "kd_weight": cfg.kd_weight, "dkd_alpha": cfg.dkd_alpha,
-            "dkd_beta": cfg.dkd_beta}
+            "dkd_beta": cfg.dkd_beta, "sample_temperature": cfg.temperature}
 
 
 def run_per_token(parts: RunParts, rollout: Rollout, student: CompletionOutputs, fn: ChunkFn,
@@ -133,19 +157,23 @@ def structure_terms(parts: RunParts, rollout: Rollout, student: CompletionOutput
 
 
 def logit_terms_fn(parts: RunParts, rollout: Rollout, teacher: torch.Tensor | TeacherTopK | None,
-                   temperature: float) -> PerTokenFn:
-    """The weighted logit objectives (``Σ_i w_i·D_i``, each ``D_i`` logged) on a chunk of student logits."""
+                   temperature: float, teacher_tokens: torch.Tensor | None = None) -> PerTokenFn:
+    """The weighted logit objectives (``Σ_i w_i·D_i``, each ``D_i`` logged) on a chunk of student logits;
+    ``teacher_tokens`` ``(B, L)``: the teacher's log p(y_t) (``ScoredRollout.token_logprobs``), for
+    ``sampled_reverse_kl``."""
     cfg = parts.config
     logit_objectives = parts.objectives.logit
     ids = rollout.completion_ids.reshape(-1)
     flat_teacher = flat_positions(teacher)
+    flat_tokens = teacher_tokens.reshape(-1) if teacher_tokens is not None else None
     defaults = objective_defaults(parts)
 
     def terms_fn(z: torch.Tensor, rows: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = flat_teacher[rows] if flat_teacher is not None else None
         terms = objective_terms(logit_objectives, student_logits=z, teacher_logits=t, completion_ids=ids[rows],
                                 on_policy=rollout.on_policy, defaults=defaults, temperature=temperature,
-                                temperature_squared=cfg.temperature_squared)
+                                temperature_squared=cfg.temperature_squared,
+                                teacher_token_logprobs=flat_tokens[rows] if flat_tokens is not None else None)
         total = sum((o.weight * terms[o.label] for o in logit_objectives), torch.zeros((), device=z.device))
         return total, terms
 

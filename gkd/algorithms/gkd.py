@@ -196,7 +196,7 @@ class GKD(Algorithm):
             ids = rollout.completion_ids.reshape(-1)
             with_reward = cfg.alpha < 1.0 and rollout.on_policy and rollout.advantages is not None
             adv = rollout.advantages[:, None].expand(b, length).reshape(-1) if with_reward else None  # type: ignore[index]
-            logit_terms = logit_terms_fn(parts, rollout, scored.teacher_logits, tau)
+            logit_terms = logit_terms_fn(parts, rollout, scored.teacher_logits, tau, scored.token_logprobs)
             structure, structure_parts = structure_terms(parts, rollout, student, scored, tau)
             alpha = cfg.alpha if with_reward else 1.0
             fidelity = self.fidelity_fn(rollout, scored)

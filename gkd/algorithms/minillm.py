@@ -263,7 +263,7 @@ class MiniLLM(Algorithm):
             teacher = scored.teacher_logits
             flat_teacher = flat_positions(teacher)
             assert flat_teacher is not None  # MiniLLM always has a teacher
-            logit_terms = logit_terms_fn(parts, rollout, teacher, tau) if cfg.objectives else None
+            logit_terms = logit_terms_fn(parts, rollout, teacher, tau, scored.token_logprobs) if cfg.objectives else None
             structure, structure_parts = structure_terms(parts, rollout, student, scored, tau)
 
             def fn(z: torch.Tensor, rows: Any) -> dict[str, torch.Tensor]:
