@@ -227,3 +227,42 @@ def test_cli_benchmark_end_to_end_generations_written_before_scoring(tmp_path, c
               "--max-new-tokens", "12", "--generations", str(tmp_path / "kept.jsonl")])
     kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").open()]
     assert len(kept) == 6 and all(isinstance(g["completion"], str) for g in kept)
+
+
+def test_shipped_benchmark_file_is_current_and_held_out():
+    module = _make_instructions()
+    train = module.make(480)
+    shipped = [json.loads(line) for line in (ROOT / "recipes" / "data" / "verifiable_eval.jsonl").open()]
+    assert shipped == module.make_benchmark(100, exclude=train), "run recipes/data/make_instructions.py"
+    assert not {r["prompt"] for r in shipped} & {r["messages"][0]["content"] for r in train}
+    assert verifiable.check_rows(shipped) == 100
+
+
+def test_eval_steps_scores_held_out_constrained_rows(tmp_path):
+    """eval_steps logs eval_ifeval_* equal to IFEval's checkers on the final student's own greedy answers."""
+    from test_eval import text_model, text_tokenizer
+
+    from gkd.config import GKDConfig
+    from gkd.evaluate import model_completions
+    from gkd.trainer import GKDTrainer
+
+    tok = text_tokenizer()
+    train = [{"prompt": f"say {w}:", "completion": w} for w in ("sun", "sea", "sky", "tree")]
+    held = [{"prompt": "no commas please:", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+            {"prompt": "write words:", "instruction_id_list": ["keywords:existence", "punctuation:no_comma"],
+             "kwargs": [{"keywords": ["banana"]}, {}]},  # a random model never writes "banana"
+            {"prompt": "plain row:", "completion": "x"}]
+    cfg = GKDConfig(teacher="unused", student="unused", dataset="unused", lmbda=1.0, per_device_batch_size=2,
+                    max_steps=2, eval_steps=2, max_new_tokens=10, output_dir=str(tmp_path / "run"),
+                    progress_bar=False, save_final_model=False)
+    trainer = GKDTrainer(cfg, student=text_model(tok, seed=3), teacher=text_model(tok, seed=4), tokenizer=tok,
+                         train_rows=train, eval_rows=held)
+    logged = trainer.train()[-1]
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    answers = model_completions(student, tok, held, max_new_tokens=10, max_prompt_length=cfg.max_prompt_length,
+                                batch_size=len(held))
+    expect = verifiable.score_rows(held, answers).summary()
+    assert (expect["prompt_strict"], expect["instruction_strict"]) == (0.5, 2 / 3)  # prompt ≠ instruction level
+    assert logged["eval_ifeval_prompts"] == 2
+    for k in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+        assert logged[f"eval_ifeval_{k}"] == pytest.approx(expect[k]), k

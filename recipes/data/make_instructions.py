@@ -11,7 +11,11 @@ row holds their ``instruction_id_list`` and ``kwargs`` for IFEval's checker regi
 The wording is ours; the instruction ids and argument names are IFEval's. Lengths are sized for
 answers of ~128 tokens.
 
-    python recipes/data/make_instructions.py   # rewrites recipes/data/instructions.jsonl
+It also writes ``verifiable_eval.jsonl``: 100 more constrained prompts, none of them in the training
+file, in IFEval's published format (``key``, ``prompt``, ``instruction_id_list``, ``kwargs``), for
+``gkd eval --benchmark ifeval --benchmark-data recipes/data/verifiable_eval.jsonl``.
+
+    python recipes/data/make_instructions.py   # rewrites instructions.jsonl and verifiable_eval.jsonl
 """
 
 from __future__ import annotations
@@ -163,9 +167,29 @@ def make(n: int = 400, seed: int = 0, constrained_share: float = 1 / 3) -> list[
     return rows
 
 
+def make_benchmark(n: int = 100, seed: int = 1, exclude: list[dict] | None = None) -> list[dict]:
+    """``n`` constrained prompts in IFEval's published format (``key``, ``prompt``,
+    ``instruction_id_list``, ``kwargs``) for ``gkd eval --benchmark ifeval``, none of them in ``exclude``
+    (the training rows): a held-out verifiable-instruction set of our own."""
+    rng = random.Random(seed)
+    seen = {r["messages"][0]["content"] for r in exclude or []}
+    rows = []
+    while len(rows) < n:
+        row = constrained_row(rng)
+        text = row["messages"][0]["content"]
+        if text not in seen:
+            seen.add(text)
+            rows.append({"key": 1000 + len(rows), "prompt": text, "instruction_id_list": row["instruction_id_list"],
+                         "kwargs": row["kwargs"]})
+    return rows
+
+
 if __name__ == "__main__":
     out = Path(__file__).with_name("instructions.jsonl")
     rows = make(480)
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     print(f"{sum('instruction_id_list' in r for r in rows)} of {len(rows)} rows carry verifiable instructions")
+    bench = out.with_name("verifiable_eval.jsonl")
+    bench.write_text("".join(json.dumps(row) + "\n" for row in make_benchmark(100, exclude=rows)))
+    print(f"wrote {bench}: 100 held-out constrained prompts in IFEval's format (gkd eval --benchmark ifeval)")
     print(f"wrote {out}")
