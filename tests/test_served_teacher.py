@@ -353,3 +353,18 @@ def test_teacher_topk_above_the_vocabulary_is_the_whole_distribution_locally_and
     assert notes_local == 1 and notes == 2
     for a, b in zip(local, remote, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], **TOL), a["step"]
+
+
+def test_cli_exit_code_of_a_teacher_that_does_not_answer(tmp_path, capsys):
+    """A teacher timeout is exit 69 (its own code), not 2 (bad input)."""
+    from gkd.cli import main
+    from gkd.errors import TEACHER_UNAVAILABLE_EXIT_CODE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["train", "recipes/tiny.yaml", f"teacher=http://127.0.0.1:{port}", "teacher_topk=8", "teacher_timeout=1",
+                 "max_steps=1", f"output_dir={tmp_path / 'run'}", "progress_bar=false", "save_final_model=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == TEACHER_UNAVAILABLE_EXIT_CODE == 69
+    assert err[-1].startswith("gkd train: error: teacher server") and "did not answer /info within 1 s" in err[-1]

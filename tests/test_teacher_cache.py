@@ -4,6 +4,7 @@ the live teacher's losses without a teacher forward; a cache that does not match
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -111,6 +112,12 @@ def test_cli_writes_a_cache_and_refuses_a_stale_one(tmp_path, capsys):
         code = main(["train", TINY, "lmbda=0", "max_steps=1", f"output_dir={tmp_path / f'bad{i}'}", *fields, *QUIET])
         err = capsys.readouterr().err
         assert code == 2 and words in err and err.strip().count("\n") == 0, (fields, err)
+    shard = cache / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # a truncated shard: one line, exit 2 (was a traceback, exit 1)
+    code = main(["train", TINY, "teacher_topk=8", "lmbda=0", "max_steps=1", f"output_dir={tmp_path / 'torn'}", *common,
+                 *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and "is damaged or unreadable" in err and err.strip().count("\n") == 0, err
 
 
 def test_an_interrupted_or_foreign_cache_is_refused(tokenizer, tmp_path):
@@ -126,3 +133,138 @@ def test_an_interrupted_or_foreign_cache_is_refused(tokenizer, tmp_path):
         _run(tokenizer, tmp_path, "other", other, lmbda=0.0, teacher_cache=str(tmp_path / "c"))
     with pytest.raises(ConfigError, match="set teacher_topk"):
         GKDConfig(teacher="t", student="s", dataset="d", teacher_cache=str(tmp_path / "c"))
+
+
+def _save_teacher(tokenizer, folder, seed: int = 12):
+    teacher = tiny_model(tokenizer, hidden=256, layers=2, seed=seed)  # ~4.6 MB of safetensors: > 2 × 1 MiB
+    teacher.save_pretrained(folder)
+    return teacher
+
+
+def test_fingerprint_covers_the_middle_of_the_weight_file(tokenizer, tmp_path):
+    """A teacher changed only in the middle of its weight file gets another fingerprint, and its cache
+    is refused (was: only the first and last MiB hashed, the stale cache used with exit 0)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from gkd.serving.cache import teacher_fingerprint
+
+    folder = tmp_path / "teacher"
+    _save_teacher(tokenizer, folder)
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    before = teacher_fingerprint("t", str(folder))
+    with safe_open(str(weights), framework="pt") as fh:
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+        metadata = fh.metadata()
+    # the tensor whose bytes lie in the middle of the file, away from the first and last MiB
+    with weights.open("rb") as fh:
+        header = int.from_bytes(fh.read(8), "little")
+        entries = json.loads(fh.read(header))
+    middle = next(name for name, e in entries.items() if name != "__metadata__"
+                  and e["data_offsets"][0] + 8 + header > 1 << 20 and e["data_offsets"][1] + 8 + header < size - (1 << 20))
+    tensors[middle] = tensors[middle].clone()
+    tensors[middle][0, 0] += 1.0
+    save_file(tensors, str(weights), metadata=metadata)
+    assert weights.stat().st_size == size
+    after = teacher_fingerprint("t", str(folder))
+    assert after != before
+    write_cache(tmp_path / "c", tiny_model(tokenizer), tokenizer, given_rows(ROWS[:2], tokenizer), fingerprint=before,
+                top_k=3, temperature=1.0, max_prompt_length=512, max_new_tokens=6)
+    with pytest.raises(InputError, match="teacher: cache 'files:"):
+        TeacherCache(tmp_path / "c").check(fingerprint=after, tokenizer=tokenizer, top_k=3, temperature=1.0,
+                                           max_prompt_length=512, max_new_tokens=6)
+
+
+def test_weight_hashes_are_remembered_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    import gkd.serving.cache as cache
+
+    file = tmp_path / "w.safetensors"
+    file.write_bytes(b"a" * 1000)
+    calls = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda fh, name: calls.append(1) or real(fh, name))
+    first = cache.file_sha256(file)
+    cache._FILE_HASHES.clear()  # a new process: the memo file answers
+    assert cache.file_sha256(file) == first and len(calls) == 1
+    st = file.stat()
+    file.write_bytes(b"a" * 499 + b"b" + b"a" * 500)  # same size, new mtime: hashed again
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    assert cache.file_sha256(file) != first and len(calls) == 2
+
+
+def test_rows_with_one_prompt_and_different_completions_keep_their_own_scores(tokenizer, tmp_path):
+    from gkd.data import PromptDataset, collate, reference_rollout
+    from gkd.scorer import score
+
+    teacher = tiny_model(tokenizer, hidden=64, seed=12)
+    rows = given_rows([{"prompt": "12+3=", "completion": "15"}, {"prompt": "12+3=", "completion": "51"},
+                       {"prompt": "12+3=", "completion": "1"}], tokenizer)
+    write_cache(tmp_path / "c", teacher, tokenizer, rows, fingerprint="x", top_k=4, temperature=1.0,
+                max_prompt_length=512, max_new_tokens=6)
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.manifest["rows"] == 3
+    dataset = PromptDataset(rows, tokenizer, max_prompt_length=512, max_new_tokens=6)
+    rollout = reference_rollout(collate([dataset[i] for i in (2, 0, 1)], tokenizer.pad_token_id))
+    got = cache.lookup(rollout)
+    want = score(teacher, rollout, len(tokenizer), topk=4).teacher_logits
+    m = rollout.completion_mask
+    torch.testing.assert_close(got.logprobs[m], want.logprobs[m], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.indices[m], want.indices[m])
+    assert not torch.equal(got.logprobs[1][m[1]], got.logprobs[2][m[2]])
+
+
+def test_a_second_writer_is_refused_while_one_holds_the_lock(tokenizer, tmp_path):
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path / "c.lock")), pytest.raises(InputError, match="being written by another gkd "
+                                                                            "cache-teacher") as e:
+        write_cache(tmp_path / "c", tiny_model(tokenizer), tokenizer, given_rows(ROWS[:2], tokenizer), fingerprint="x",
+                    top_k=3, temperature=1.0, max_prompt_length=512, max_new_tokens=6)
+    assert "\n" not in str(e.value) and not (tmp_path / "c.tmp").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "index"])
+def test_a_damaged_shard_is_one_line(tokenizer, tmp_path, damage):
+    from safetensors.torch import save_file
+
+    write_cache(tmp_path / "c", tiny_model(tokenizer), tokenizer, given_rows(ROWS, tokenizer), fingerprint="x",
+                top_k=3, temperature=1.0, max_prompt_length=512, max_new_tokens=6)
+    shard = tmp_path / "c" / "shard-00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        shard.write_bytes(raw[: len(raw) // 2])
+        words = "truncated"
+    elif damage == "flip":
+        raw[-3] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+        words = "does not match the SHA-256"
+    else:  # a consistent file with a broken row index, and no size / hash in the manifest (an older cache)
+        manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+        for s in manifest["shards"]:
+            s.pop("bytes"), s.pop("sha256")
+        (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(shard))
+        tensors["offsets"][-1] += 5
+        save_file(tensors, str(shard))
+        words = "inconsistent row index"
+    with pytest.raises(InputError, match=f"is damaged or unreadable .*{words}") as e:
+        TeacherCache(tmp_path / "c")
+    assert "\n" not in str(e.value)
+
+
+def test_cache_with_top_k_above_the_vocabulary_equals_the_live_teacher(tokenizer, tmp_path):
+    teacher = tiny_model(tokenizer, hidden=64, seed=12)
+    k = len(tokenizer) + 5
+    write_cache(tmp_path / "cache", teacher, tokenizer, given_rows(ROWS, tokenizer), fingerprint=module_fingerprint(teacher),
+                top_k=k, temperature=1.0, max_prompt_length=512, max_new_tokens=6)
+    _, live = _run(tokenizer, tmp_path, "live", copy.deepcopy(teacher), lmbda=0.0, teacher_topk=k, max_steps=2)
+    _, cached = _run(tokenizer, tmp_path, "cached", copy.deepcopy(teacher), lmbda=0.0, teacher_topk=k, max_steps=2,
+                     teacher_cache=str(tmp_path / "cache"))
+    for a, b in zip(live, cached, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-5, abs=1e-6)
