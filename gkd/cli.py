@@ -76,7 +76,19 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gkd.errors import InputError
-    from gkd.evaluate import format_table, read_run_config, run_eval, write_report
+    from gkd.evaluate import format_table, read_run_config, rescore_generations, run_eval, write_report
+
+    if args.rescore:
+        if not (args.benchmark and args.benchmark_data):
+            raise InputError("--rescore needs --benchmark and --benchmark-data (the rows the generations answer)")
+        report = rescore_generations(args.rescore, args.benchmark, args.benchmark_data)
+        print("\n".join(_verifiable_table(report)))
+        if args.output:
+            write_report(report, args.output)
+            print(f"wrote {args.output}")
+        return 0
+    if not args.model:
+        raise InputError("--model is required (or --rescore GENERATIONS to score a generations file again)")
 
     kwargs: dict = {}
     config = args.config
@@ -128,6 +140,16 @@ def _eval(args: argparse.Namespace) -> int:
         write_report(report, args.output)
         print(f"wrote {args.output}")
     return 0
+
+
+def _verifiable_table(report: dict) -> list[str]:
+    from gkd.evaluate import _verifiable_lines
+
+    lines = _verifiable_lines(report)
+    lines.append("")
+    lines.extend(f"{r['model']}/{r['decoding']}: {r['num_completions']} completions, no EOS {100 * r['no_eos']:.1f}%, "
+                 f"mean length {r['completion_len_mean']:.1f} tokens" for r in report["results"])
+    return lines
 
 
 def _cache_teacher(args: argparse.Namespace) -> int:
@@ -188,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Exact match / task reward, Rouge-L, teacher–student KL on the model's own "
                                     "completions, mean length and sample generations. Data settings default to "
                                     "the run's config.yaml beside the model folder (--config).")
-    ev.add_argument("--model", required=True, help="model folder (e.g. runs/x/final) or hub id")
+    ev.add_argument("--model", help="model folder (e.g. runs/x/final) or hub id (required unless --rescore)")
     ev.add_argument("--teacher", help="teacher folder or hub id for the KLs ('none' to skip one named by --config)")
     ev.add_argument("--config", default="auto",
                     help="training config.yaml or recipe to take data/sampling settings from; 'auto' (default): "
@@ -225,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSONL file that receives every completion as soon as it is decoded, before scoring "
                          "(default: beside --output; with --benchmark and no --output: eval-<benchmark>-generations.jsonl; "
                          "'none': do not write)")
+    ev.add_argument("--rescore", metavar="GENERATIONS",
+                    help="score a generations file of an earlier --benchmark run again, without any model "
+                         "(with --benchmark and the same --benchmark-data)")
     ev.add_argument("--output", help="write the full results as JSON here")
     ev.set_defaults(func=_eval)
 

@@ -36,7 +36,7 @@ from gkd.scorer import check_tokenizers_match, completion_logits
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BENCHMARKS", "DECODINGS", "EvalResult", "load_benchmark", "looping_summary", "eval_shard", "evaluate", "evaluate_in_training", "model_completions", "sequence_stats", "teacher_forced_kl", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
+__all__ = ["BENCHMARKS", "DECODINGS", "EvalResult", "load_benchmark", "looping_summary", "rescore_generations", "eval_shard", "evaluate", "evaluate_in_training", "model_completions", "sequence_stats", "teacher_forced_kl", "exact_match", "format_table", "read_run_config", "rouge_l", "run_eval",
            "write_report"]
 
 #: Decoding modes: ``greedy`` (argmax) or ``sample`` (temperature / top-p / top-k, seeded).
@@ -557,6 +557,41 @@ def run_eval(
     }
     report["looping"] = looping_summary(report)
     return report
+
+
+def rescore_generations(generations: str | Path, benchmark: str, benchmark_data: str, tokenizer=None) -> dict[str, Any]:
+    """Score a generations file written by ``gkd eval`` (``--generations``) again, without any model:
+    IFEval's checkers on every (model, decoding) group's completions against ``benchmark_data``'s rows,
+    matched by row index (and ``key`` where present), plus the no-EOS share and mean length. For a run
+    whose scoring failed, or to score with NLTK's data once it is installed."""
+    from gkd import verifiable as ver
+    from gkd.data import _load_with_datasets, _read_jsonl
+
+    if benchmark not in BENCHMARKS:
+        raise InputError(f"benchmark {benchmark!r} is not known; choose one of: {', '.join(BENCHMARKS)}")
+    ver.registry()
+    records = _read_jsonl(Path(generations))
+    raw, source = _load_with_datasets(benchmark_data, "train")
+    ver.check_rows(raw, source)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for i, g in enumerate(records, 1):
+        if not {"model", "decoding", "index", "completion"} <= set(g) or not 0 <= int(g["index"]) < len(raw):
+            raise InputError(f"{generations}:{i}: not a gkd eval generations record for {source} "
+                             "(needs model, decoding, index within the benchmark, completion)")
+        row = raw[int(g["index"])]
+        if "key" in g and row.get("key") is not None and g["key"] != row["key"]:
+            raise InputError(f"{generations}:{i}: key {g['key']!r} but row {g['index']} of {source} has key "
+                             f"{row['key']!r}: the generations were made on other data")
+        groups.setdefault((g["model"], g["decoding"]), []).append(g)
+    results = []
+    for (model, decoding), recs in groups.items():
+        rows = [raw[int(g["index"])] for g in recs]
+        scores = ver.score_rows(rows, [g["completion"] for g in recs]).summary()
+        results.append({"model": model, "decoding": decoding, "num_completions": len(recs),
+                        "no_eos": sum(not g.get("eos", True) for g in recs) / len(recs),
+                        "completion_len_mean": sum(g.get("tokens", 0) for g in recs) / len(recs),
+                        "verifiable": scores})
+    return {"generations": str(generations), "dataset": source, "benchmark": benchmark, "results": results}
 
 
 def _verifiable_available(rows: Sequence[Mapping[str, Any]]) -> bool:

@@ -217,6 +217,20 @@ def test_cli_benchmark_end_to_end_generations_written_before_scoring(tmp_path, c
     assert loop["student_repeat_4"] == next(r["repeat_4"] for r in report["results"]
                                             if (r["model"], r["decoding"]) == ("student", "greedy"))
 
+    # the generations file scores again without any model, to the same numbers
+    rescored = tmp_path / "rescored.json"
+    assert main(["eval", "--rescore", report["generations"], "--benchmark", "ifeval", "--benchmark-data", str(SMALL),
+                 "--output", str(rescored)]) == 0
+    again = {(r["model"], r["decoding"]): r for r in json.loads(rescored.read_text())["results"]}
+    for entry in report["results"]:
+        same = again[(entry["model"], entry["decoding"])]
+        assert same["verifiable"] == entry["verifiable"] and same["no_eos"] == pytest.approx(entry["no_eos"])
+    other = tmp_path / "other.jsonl"  # generations of other data: refused
+    other.write_text(SMALL.read_text().replace('"key": 1,', '"key": 99,'))
+    capsys.readouterr()
+    assert main(["eval", "--rescore", report["generations"], "--benchmark", "ifeval", "--benchmark-data", str(other)]) == 2
+    assert "made on other data" in capsys.readouterr().err
+
     # scoring fails after decoding: every generation of the first decoding is on disk already
     def boom(*a, **k):
         raise RuntimeError("checker crashed")
