@@ -27,6 +27,7 @@ class LoopbackServer:
 
     def __init__(self, service: TeacherService | object, api_key: str | None = None) -> None:
         self.service, self.api_key = service, api_key  # a TeacherService, or a ready app
+        self.app = None if isinstance(service, TeacherService) else service
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -259,7 +260,7 @@ def test_cli_run_survives_a_killed_server_and_resumes_exactly(tmp_path):
     assert killed == straight and losses(tmp_path / "split") == straight
 
 
-def _swapping_trainer(srv: LoopbackServer, replacement: TeacherService, swapped: threading.Event):
+def _swapping_trainer(srv: LoopbackServer, replacement: TeacherService | object, swapped: threading.Event):
     """A trainer that, after step 2, stops ``srv`` and serves ``replacement`` on the same port."""
     from gkd.trainer import GKDTrainer
 
@@ -269,6 +270,7 @@ def _swapping_trainer(srv: LoopbackServer, replacement: TeacherService, swapped:
             if self.step == 2:
                 srv.stop()
                 srv.service = replacement
+                srv.app = None if isinstance(replacement, TeacherService) else replacement
                 srv.start()
                 swapped.set()
 

@@ -99,3 +99,22 @@ def test_vllm_refusals_are_one_line(tokenizer, teacher):
             c._TOKENIZER_PROBE = probe
     finally:
         srv.stop()
+
+
+def test_a_vllm_server_that_comes_back_as_another_model_stops_the_run(tokenizer, tmp_path, teacher):
+    import threading
+
+    from test_served_teacher import _swapping_trainer
+
+    from gkd.errors import TeacherChangedError
+
+    srv = _serve(create_fake_vllm_app(copy.deepcopy(teacher), tokenizer, name="teacher-a"))
+    swapped = threading.Event()
+    try:
+        with pytest.raises(TeacherChangedError, match="model teacher-a → teacher-b"):
+            _train(tokenizer, tmp_path, "swap", None,
+                   _swapping_trainer(srv, create_fake_vllm_app(copy.deepcopy(teacher), tokenizer, name="teacher-b"),
+                                     swapped), teacher=srv.url, lmbda=1.0, log_samples_steps=0)
+    finally:
+        srv.stop()
+    assert swapped.is_set()

@@ -95,10 +95,10 @@ class RemoteTeacher:
             except httpx.TransportError as e:  # refused, reset, timed out: the server may be restarting
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             else:
+                if verify and self._new_connection and self.backend and response.status_code < 500:
+                    self._verify_identity()  # a new connection may reach another server: ask who answered
                 if response.status_code < 400:
                     self.requests += 1
-                    if verify and self._new_connection and self.backend:
-                        self._verify_identity()  # a new connection may reach another server: ask who answered
                     try:
                         return response.json()
                     except ValueError:
