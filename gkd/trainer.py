@@ -144,6 +144,13 @@ class GKDTrainer:
             lm_batches=BatchStream(self.lm_loader, acc.skip_first_batches) if self.lm_loader is not None else None,
             timers=self.timers, reporter=self.reporter,
         )
+        if cfg.lmbda_schedule == "adaptive":  # the held-out rows of adaptive λ's validation loss
+            held_out = self._rows(eval_rows, cfg.dataset, "validation")
+            if len(held_out) < acc.num_processes:
+                raise InputError(f"lmbda_schedule=adaptive measures a validation loss on held-out rows, but there are "
+                                 f"{len(held_out)}; set validation_size (e.g. 64)")
+            self.parts.validation_rows = eval_shard(held_out, cfg.lmbda_val_prompts, acc.process_index,
+                                                    acc.num_processes)
         if cfg.teacher_cache:  # the teacher's view of reference rows, scored once by gkd cache-teacher
             from gkd.serving.cache import open_cache
 

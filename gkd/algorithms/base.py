@@ -59,6 +59,7 @@ class RunParts:
     timers: Timers
     reporter: Reporter
     teacher_cache: Any = None  # gkd.serving.cache.TeacherCache: the teacher's view of reference rows (teacher_cache)
+    validation_rows: list[dict[str, Any]] | None = None  # this rank's held-out rows (lmbda_schedule: adaptive)
 
     @property
     def vocab_size(self) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gkd import distributed
+from gkd.adaptive_lmbda import AdaptiveLambda, validation_loss, validation_rollouts
 from gkd.algorithms.base import Algorithm, RunParts
 from gkd.algorithms.common import (
     flat_positions,
@@ -37,6 +38,8 @@ from gkd.sampling import repeat_batch
 from gkd.update import LossOutput
 
 __all__ = ["GKD", "batch_baseline_advantages", "group_baseline_advantages", "lmbda_at"]
+
+ADAPTIVE_FILE = "adaptive_lmbda"  # per-rank checkpoint file of lmbda_schedule: adaptive (λ, best loss, checks)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +86,19 @@ class GKD(Algorithm):
     def __init__(self, parts: RunParts) -> None:
         super().__init__(parts)
         self.coin = distributed.OnPolicyScheduler(self.config.lmbda, self.config.seed)
+        cfg = self.config
+        self.adaptive = AdaptiveLambda(cfg.lmbda, cfg.lmbda_step, cfg.lmbda_end if cfg.lmbda_end is not None else 1.0,
+                                       cfg.lmbda_tolerance) if cfg.lmbda_schedule == "adaptive" else None
+        self.validation: list[Rollout] | None = None  # adaptive λ: the held-out completions, built at the first check
+
+    state_files = (ADAPTIVE_FILE,)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {ADAPTIVE_FILE: self.adaptive.state_dict()} if self.adaptive is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.adaptive is not None and ADAPTIVE_FILE in state:
+            self.adaptive.load_state_dict(state[ADAPTIVE_FILE])
 
     @classmethod
     def check_rows(cls, config: Any, rows: list[dict[str, Any]]) -> None:
@@ -109,8 +125,12 @@ class GKD(Algorithm):
         """One optimizer step: rollout → (rewards) → score → loss → backward → step."""
         cfg, parts = self.config, self.parts
         scheduled = cfg.lmbda_schedule != "constant" or cfg.off_policy_warmup_steps > 0
-        lmbda = lmbda_at(self.step, cfg.max_steps, cfg.lmbda, cfg.lmbda_end, cfg.lmbda_schedule,
-                         cfg.off_policy_warmup_steps) if scheduled else None
+        adaptive_metrics = self.adaptive_check() if self.adaptive is not None else {}
+        if self.adaptive is not None:
+            lmbda: float | None = 0.0 if self.step < cfg.off_policy_warmup_steps else self.adaptive.lmbda
+        else:
+            lmbda = lmbda_at(self.step, cfg.max_steps, cfg.lmbda, cfg.lmbda_end, cfg.lmbda_schedule,
+                             cfg.off_policy_warmup_steps) if scheduled else None
         on_policy = self.coin.draw(lmbda)
         batches = [next(parts.batches) for _ in range(cfg.gradient_accumulation_steps)]
         with parts.timers("rollout"):
@@ -121,7 +141,7 @@ class GKD(Algorithm):
                 reward_metrics = score_rollouts(parts.rewards, parts.tokenizer, rollouts)
                 self.set_advantages(rollouts)
         metrics = self.optimize(rollouts)
-        metrics.update(reward_metrics, on_policy=int(on_policy))
+        metrics.update(reward_metrics, **adaptive_metrics, on_policy=int(on_policy))
         if lmbda is not None:
             metrics["lmbda"] = lmbda
         if on_policy:
@@ -131,6 +151,27 @@ class GKD(Algorithm):
         if distributed.is_distributed():  # how many ranks took this step on-policy: 0 or all, never a mix
             metrics["on_policy_ranks"] = int(distributed.all_reduce_sum(torch.tensor(float(on_policy))).item())
         return metrics
+
+    def adaptive_check(self) -> dict[str, float]:
+        """``lmbda_schedule: adaptive`` (:mod:`gkd.adaptive_lmbda`): every ``lmbda_check_steps`` steps (and
+        before the first), the held-out validation loss, and λ raised by ``lmbda_step`` when it did not
+        improve; rank 0's λ is broadcast. Logged on check steps: ``lmbda_val_loss``, ``lmbda_val_best``."""
+        cfg, parts = self.config, self.parts
+        assert self.adaptive is not None
+        if self.step % (cfg.lmbda_check_steps or cfg.eval_steps):
+            return {}
+        with parts.timers("validation"):
+            if self.validation is None:
+                self.validation = validation_rollouts(
+                    parts.validation_rows or [], parts.tokenizer, parts.teacher, batch_size=cfg.per_device_batch_size,
+                    max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
+                    device=parts.accelerator.device, gather_for_generation=cfg.zero3_gather_for_generation)
+            loss = validation_loss(parts.student, parts.teacher, self.validation, parts.vocab_size,
+                                   topk=cfg.teacher_topk, chunk_size=cfg.loss_chunk_size,
+                                   all_reduce_sum=distributed.all_reduce_sum)
+        lmbda = self.adaptive.update(loss)
+        self.adaptive.lmbda = float(distributed.broadcast_from_main(torch.tensor([lmbda], dtype=torch.float64))[0])
+        return {"lmbda_val_loss": loss, "lmbda_val_best": self.adaptive.best}
 
     def rollout(self, batch: dict[str, Any], on_policy: bool) -> Rollout:
         """Student samples (on-policy), teacher samples (``seq_kd``) or the dataset's references."""
