@@ -85,6 +85,7 @@ def skd_main(args: argparse.Namespace) -> None:
     rollout), and SKD sampling per draft length. "+ teacher scoring" rows add the scoring pass's median
     (the loss scores an SKD rollout the same way), so no method is run twice per repetition."""
     from gkd.rollout import SamplingParams, sample
+    from gkd.rollout_skd import sample_skd
     from gkd.scorer import score
 
     torch.manual_seed(0)
@@ -101,8 +102,8 @@ def skd_main(args: argparse.Namespace) -> None:
         score(teacher, plain_rollout["r"], vocab)
 
     def skd(k: int):
-        return lambda: sample(student, prompts, mask, params, teacher=teacher, skd_top_k=args.skd_top_k,
-                              draft_tokens=k, generator=torch.Generator().manual_seed(1), **kw)
+        return lambda: sample_skd(student, prompts, mask, params, teacher=teacher, skd_top_k=args.skd_top_k,
+                                  draft_tokens=k, generator=torch.Generator().manual_seed(1), **kw)
 
     methods = {"plain sampling": plain, "teacher scoring pass": scoring}
     for k in args.draft:

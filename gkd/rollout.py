@@ -127,7 +127,6 @@ def sample(
     teacher: torch.nn.Module | None = None,
     teacher_mix: float = 0.0,
     draft_tokens: int = 1,
-    skd_top_k: int = 0,
 ) -> Rollout:
     """Sample a completion for each left-padded prompt with a KV cache.
 
@@ -138,10 +137,6 @@ def sample(
     drafts ``draft_tokens`` tokens and the teacher scores them in one pass (speculative sampling
     with target p̃, see :func:`_sample_mixed`); the result is an exact sample of p̃ for every value.
     ``teacher_mix=0`` draws exactly what the plain sampler draws.
-
-    With a ``teacher`` and ``skd_top_k = K > 0``, this is speculative KD sampling instead
-    (:func:`gkd.rollout_skd.sample_skd`): the student proposes, a proposal outside the teacher's
-    top-K is replaced by the teacher's draw; ``draft_tokens`` drafts per teacher pass, exact for every value.
 
     A sequence stops at its first EOS (kept in ``completion_mask``); later positions hold
     ``pad_token_id`` and are masked. The loop stops as soon as every sequence has finished, or,
@@ -158,12 +153,6 @@ def sample(
     common = dict(eos=_as_id_tensor(eos_token_id, prompt_ids.device), pad_token_id=pad_token_id,
                   vocab_size=vocab_size, generator=generator, all_ranks_done=all_ranks_done)
     try:
-        if teacher is not None and skd_top_k > 0:
-            from gkd.rollout_skd import sample_skd
-
-            teacher.eval()
-            return sample_skd(model, teacher, prompt_ids, prompt_mask, params, top_k=skd_top_k,
-                              draft_tokens=draft_tokens, **common)  # type: ignore[arg-type]
         if teacher is not None:
             teacher.eval()
             return _sample_mixed(model, teacher, prompt_ids, prompt_mask, params, mix=teacher_mix, k=draft_tokens,

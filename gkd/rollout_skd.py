@@ -44,13 +44,14 @@ objective needs, here for free), ``log s_t(y_t)`` of the distribution actually s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from gkd.rollout import (
     Rollout,
     SamplingParams,
+    _as_id_tensor,
     _Decoder,
     _draw,
     _multinomial,
@@ -81,23 +82,51 @@ def skd_token_logprobs(q_logprobs: torch.Tensor, p_logprobs: torch.Tensor, top_k
 
 
 @torch.no_grad()
-def sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-               params: SamplingParams, *, top_k: int, draft_tokens: int, eos: torch.Tensor, pad_token_id: int,
-               vocab_size: int | None, generator: torch.Generator | None,
-               all_ranks_done: Callable[[bool], bool] | None) -> Rollout:
-    """SKD completions of left-padded prompts, ``draft_tokens`` student drafts per teacher pass (see
-    the module docstring). Call through :func:`gkd.rollout.sample` (``teacher=``, ``skd_top_k=``).
+def sample_skd(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    params: SamplingParams,
+    *,
+    teacher: torch.nn.Module,
+    skd_top_k: int,
+    draft_tokens: int = 4,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+    all_ranks_done: Callable[[bool], bool] | None = None,
+) -> Rollout:
+    """SKD completions of left-padded prompts (see the module docstring), ``draft_tokens`` student drafts
+    per teacher pass; the arguments are :func:`gkd.rollout.sample`'s. Both models are put in eval mode
+    for sampling (the student's mode is restored).
 
     Rows advance by different amounts per round; both KV caches keep one common layout in which the
     slots of dropped drafts are holes in the attention mask (explicit position ids keep positions
     contiguous per row), as in the teacher-mixed sampler. Greedy (``do_sample=False``): the student's
     argmax, replaced by the teacher's argmax when outside the teacher's top-K."""
-    if top_k < 1:
-        raise ValueError(f"skd_top_k must be >= 1, got {top_k}")
+    if skd_top_k < 1:
+        raise ValueError(f"skd_top_k must be >= 1, got {skd_top_k}")
     if draft_tokens < 1:
         raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+    was_training = model.training
+    model.eval()
+    teacher.eval()
+    try:
+        return _sample_skd(model, teacher, prompt_ids, prompt_mask, params, top_k=skd_top_k, k=draft_tokens,
+                           eos=_as_id_tensor(eos_token_id, prompt_ids.device), pad_token_id=pad_token_id,
+                           vocab_size=vocab_size, generator=generator, all_ranks_done=all_ranks_done)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                params: SamplingParams, *, top_k: int, k: int, eos: torch.Tensor, pad_token_id: int,
+                vocab_size: int | None, generator: torch.Generator | None,
+                all_ranks_done: Callable[[bool], bool] | None) -> Rollout:
     device = prompt_ids.device
-    batch, max_new, k = prompt_ids.shape[0], params.max_new_tokens, draft_tokens
+    batch, max_new = prompt_ids.shape[0], params.max_new_tokens
     procs = build_logits_processors(params)
     truncates = params.top_k > 0 or params.top_p < 1.0
     attention = prompt_mask.long()

@@ -1,5 +1,5 @@
 """Where a training step's completions come from: the student (our KV-cached sampler or a colocated
-vLLM engine), the teacher (SeqKD), or both mixed (MiniLLM). The sampling itself is in
+vLLM engine), the teacher (SeqKD), both mixed (MiniLLM), or the student checked by the teacher (SKD). The sampling itself is in
 :mod:`gkd.rollout` / :mod:`gkd.rollout_vllm`; this module picks the backend, keeps the sampling
 random stream (one per rank, checkpointed), and holds ZeRO-3 weights whole while sampling.
 """
@@ -14,6 +14,7 @@ import torch
 
 from gkd import distributed
 from gkd.rollout import Rollout, SamplingParams, sample
+from gkd.rollout_skd import sample_skd
 from gkd.rollout_vllm import VLLMSampler
 from gkd.scorer import output_vocab_size
 
@@ -67,13 +68,14 @@ class RolloutSampler:
         return sampler
 
     def sample(self, batch: dict[str, Any], model: torch.nn.Module, **kw: Any) -> Rollout:
-        """Completions of ``model`` (``teacher=``, ``teacher_mix=``… for MiniLLM's mixed sampling)."""
+        """Completions of ``model`` (``teacher=``, ``teacher_mix=``… for MiniLLM's mixed sampling;
+        ``teacher=``, ``skd_top_k=``, ``draft_tokens=`` for speculative KD, :mod:`gkd.rollout_skd`)."""
         if self.vllm is not None and not kw and model is self.student:
             self.vllm.sync(model, self.version())  # no-op unless an optimizer step changed the weights
             return self.vllm.sample(batch["prompt_ids"], batch["prompt_mask"], self.generator)
         gather = [model, kw.get("teacher")] if self.cfg.zero3_gather_for_generation else []
         with distributed.gathered_for_generation([m for m in gather if m is not None]):
-            return sample(
+            return (sample_skd if "skd_top_k" in kw else sample)(  # type: ignore[operator]
                 model, batch["prompt_ids"], batch["prompt_mask"], self.params,
                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                 vocab_size=self.vocab_size, generator=self.generator,

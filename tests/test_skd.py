@@ -11,7 +11,7 @@ from conftest import tiny_model
 from test_minillm import FixedLM, MarkovLM
 
 from gkd.rollout import SamplingParams, sample
-from gkd.rollout_skd import in_teacher_top_k, skd_token_logprobs
+from gkd.rollout_skd import in_teacher_top_k, sample_skd, skd_token_logprobs
 
 
 def _skd_table(q_tab: torch.Tensor, p_tab: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -60,8 +60,8 @@ def test_skd_draws_whole_sequences_from_the_replacement_rule_chi_square(k):
     probs = _sequence_probs(law, start=1, eos=eos, length=3)
     n = 40000
     ids, mask = torch.full((n, 2), 1), torch.ones(n, 2, dtype=torch.bool)
-    r = sample(MarkovLM(q_tab), ids, mask, SamplingParams(max_new_tokens=3), eos_token_id=eos, pad_token_id=0,
-               generator=torch.Generator().manual_seed(k), teacher=MarkovLM(p_tab), skd_top_k=top_k, draft_tokens=k)
+    r = sample_skd(MarkovLM(q_tab), ids, mask, SamplingParams(max_new_tokens=3), eos_token_id=eos, pad_token_id=0,
+                   generator=torch.Generator().manual_seed(k), teacher=MarkovLM(p_tab), skd_top_k=top_k, draft_tokens=k)
     counts: dict[tuple, int] = {}
     for row, m in zip(r.completion_ids.tolist(), r.completion_mask.tolist(), strict=True):
         seq = tuple(t for t, keep in zip(row, m, strict=True) if keep)
@@ -96,15 +96,15 @@ def test_k_equal_to_the_vocabulary_gives_the_students_own_samples(tokenizer):
     params = SamplingParams(max_new_tokens=9, temperature=1.3)
     plain = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3), **kw)
     for k in (1, 4):
-        skd = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3),
-                     teacher=teacher, skd_top_k=len(tokenizer), draft_tokens=k, **kw)
+        skd = sample_skd(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3),
+                         teacher=teacher, skd_top_k=len(tokenizer), draft_tokens=k, **kw)
         assert torch.equal(plain.completion_ids, skd.completion_ids)
         assert torch.equal(plain.completion_mask, skd.completion_mask)
         torch.testing.assert_close(plain.sampled_logprobs, skd.sampled_logprobs)
         torch.testing.assert_close(skd.mixed_logprobs, skd.sampled_logprobs)  # s = q when nothing is replaced
         assert not skd.skd_replaced.any() and skd.draft_stats[1] == 0
-    small = sample(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3),
-                   teacher=teacher, skd_top_k=1, draft_tokens=4, **kw)
+    small = sample_skd(student, enc.input_ids, enc.attention_mask, params, generator=torch.Generator().manual_seed(3),
+                       teacher=teacher, skd_top_k=1, draft_tokens=4, **kw)
     assert small.skd_replaced.any()  # K = 1 does replace (the check above is not vacuous)
 
 
@@ -117,8 +117,8 @@ def test_skd_keeps_the_caches_right_and_greedy_matches_token_by_token(tokenizer)
     enc = tokenizer(["<bos>12+34=", "<bos>5+6=", "<bos>987+1="], add_special_tokens=False, padding=True,
                     return_tensors="pt")
     params = SamplingParams(10, temperature=0.7)
-    r = sample(student, enc.input_ids, enc.attention_mask, params, eos_token_id=2, pad_token_id=0,
-               generator=torch.Generator().manual_seed(6), teacher=teacher, skd_top_k=2, draft_tokens=3)
+    r = sample_skd(student, enc.input_ids, enc.attention_mask, params, eos_token_id=2, pad_token_id=0,
+                   generator=torch.Generator().manual_seed(6), teacher=teacher, skd_top_k=2, draft_tokens=3)
     m = r.completion_mask
     assert m.sum() > 6 and r.skd_replaced.any()
     for model, stored, tau in ((student, r.sampled_logprobs, params.temperature), (teacher, r.teacher_logprobs, 1.0)):
@@ -137,8 +137,8 @@ def test_skd_keeps_the_caches_right_and_greedy_matches_token_by_token(tokenizer)
     teacher.register_forward_hook(shift)
     greedy = SamplingParams(max_new_tokens=8, do_sample=False)
     kw = dict(eos_token_id=2, pad_token_id=0, vocab_size=len(tokenizer), teacher=teacher, skd_top_k=1)
-    one = sample(student, enc.input_ids, enc.attention_mask, greedy, draft_tokens=1, **kw)
-    four = sample(student, enc.input_ids, enc.attention_mask, greedy, draft_tokens=4, **kw)
+    one = sample_skd(student, enc.input_ids, enc.attention_mask, greedy, draft_tokens=1, **kw)
+    four = sample_skd(student, enc.input_ids, enc.attention_mask, greedy, draft_tokens=4, **kw)
     assert torch.equal(one.completion_ids, four.completion_ids) and one.skd_replaced.any()
 
 
@@ -147,8 +147,8 @@ def test_processors_apply_to_the_teacher_before_its_top_k():
     elsewhere is always replaced, by that argmax."""
     student, teacher = FixedLM([3.0, 0.0, 0.0, 0.0]), FixedLM([0.0, 0.0, 3.0, 0.0])
     ids, mask = torch.full((200, 1), 1), torch.ones(200, 1, dtype=torch.bool)
-    r = sample(student, ids, mask, SamplingParams(max_new_tokens=2, top_k=1), eos_token_id=99, pad_token_id=0,
-               generator=torch.Generator().manual_seed(1), teacher=teacher, skd_top_k=3, draft_tokens=2)
+    r = sample_skd(student, ids, mask, SamplingParams(max_new_tokens=2, top_k=1), eos_token_id=99, pad_token_id=0,
+                   generator=torch.Generator().manual_seed(1), teacher=teacher, skd_top_k=3, draft_tokens=2)
     assert (r.completion_ids == 2).all() and r.skd_replaced.all()
 
 
