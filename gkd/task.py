@@ -85,6 +85,24 @@ def exact_match_reward(prompts: list[str], completions: list[str], **kwargs: obj
     return [float(check_answer(p, c)) for p, c in zip(prompts, completions, strict=True)]
 
 
+def digit_match_reward(prompts: list[str], completions: list[str], **kwargs: object) -> list[float]:
+    """Built-in partial-credit reward: the share of the written sum's characters (digits and carries)
+    that the completion has at the right place, in [0, 1]; 1.0 exactly when :func:`exact_match_reward` is."""
+    out = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        body = prompt.replace(BOS, "").rstrip("=")
+        try:
+            a_rev, b_rev = body.split("+")
+            expected = written_sum(int(a_rev[::-1]), int(b_rev[::-1]), len(a_rev))
+        except ValueError:
+            out.append(0.0)
+            continue
+        got = completion.split(EOS)[0].replace(PAD, "")
+        hits = sum(g == e for g, e in zip(got, expected, strict=False))
+        out.append(hits / max(len(expected), len(got)))
+    return out
+
+
 def max_problems(max_digits: int) -> int:
     """How many distinct problems :func:`make_problems` can draw with ``max_digits``."""
     return 10 ** (2 * max_digits) // 2

@@ -87,3 +87,14 @@ def test_one_step_gradient_of_the_alpha_weighted_reward_term(tokenizer, tmp_path
     assert set(got) == set(want)
     for name, g in got.items():
         torch.testing.assert_close(g.double(), want[name], rtol=2e-4, atol=1e-7, msg=name)
+
+
+def test_digit_match_reward_gives_partial_credit():
+    from gkd.task import digit_match_reward, exact_match_reward, make_problems
+
+    problems = make_problems(3, 4, seed=1)
+    prompts, refs = [p.prompt for p in problems], [p.completion for p in problems]
+    assert digit_match_reward(prompts, refs) == exact_match_reward(prompts, refs) == [1.0, 1.0, 1.0]
+    assert digit_match_reward(prompts, [r[:3] + "9" * 5 for r in refs]) == [3 / 8, 4 / 8, 3 / 8]  # "9" can hit
+    assert digit_match_reward(prompts, ["", "1", refs[2] + "<eos>77"]) == [0.0, 0.0, 1.0]
+    assert digit_match_reward(prompts, [refs[0] + "00", refs[1][:4], refs[2]]) == [0.8, 0.5, 1.0]

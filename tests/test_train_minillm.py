@@ -74,13 +74,18 @@ def test_user_reward_enters_the_return_at_the_final_token():
 
 
 def test_gkd_with_group_baseline_reward_term(tmp_path):
+    """The logged loss is α·divergence + (1 − α)·reward_pg with α = 0.3 and a reward term that is not 0
+    (the partial-credit reward differs between samples); the reward is the weighted sum of the functions'."""
     out = tmp_path / "run"
     assert main(["train", str(ROOT / "recipes" / "gkd_reward_tiny.yaml"), f"output_dir={out}", "progress_bar=false",
-                 "max_steps=3", "save_final_model=false"]) == 0
+                 "max_steps=3", "save_final_model=false", "alpha=0.3"]) == 0
     rows = _metrics(out)
     assert all(r["on_policy"] == 1 for r in rows)
-    for key in ("reward", "reward/gkd.task:exact_match_reward", "reward_pg", "divergence"):
-        assert key in rows[0], key
+    assert any(r["reward_pg"] != 0 for r in rows) and all(r["reward"] > 0 for r in rows)
+    for r in rows:
+        assert r["loss"] == pytest.approx(0.3 * r["divergence"] + 0.7 * r["reward_pg"], rel=1e-5, abs=1e-8)
+        assert r["reward"] == pytest.approx(r["reward/gkd.task:exact_match_reward"]
+                                            + r["reward/gkd.task:digit_match_reward"], rel=1e-6)
 
 
 def test_group_baseline_is_the_mean_of_each_prompts_samples():
