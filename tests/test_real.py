@@ -96,3 +96,27 @@ def test_minillm_teacher_mixed_steps_on_the_real_pair(tmp_path, teacher_dir):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-4)  # first update of a buffer: q_θ = q_old
     assert 0.5 <= rows[0]["mix_draft_accept"] <= 1.0  # each draft is accepted with probability ≥ 1 − mix = 0.8
+
+
+def test_ifeval_benchmark_on_the_real_teacher(tmp_path, teacher_dir, capsys):
+    """`gkd eval --benchmark ifeval` on SmolLM2-135M-Instruct itself: its greedy answers, scored by IFEval's
+    checkers, follow a word limit and miss an exact bullet count (it writes 2 of 3, then prose)."""
+    pytest.importorskip("if_verifiable", reason="needs the eval extra: pip install 'gkd[eval]'")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(
+        json.dumps({"key": 1, "prompt": "What is the capital of France? Answer in fewer than 20 words.",
+                    "instruction_id_list": ["length_constraints:number_words"],
+                    "kwargs": [{"num_words": 20, "relation": "less than"}]}) + "\n"
+        + json.dumps({"key": 2, "prompt": "Name three fruits. Answer with exactly 3 bullet points, written in markdown "
+                                          "like:\n* first point\n* second point",
+                      "instruction_id_list": ["detectable_format:number_bullet_lists"],
+                      "kwargs": [{"num_bullets": 3}]}) + "\n")
+    out = tmp_path / "ifeval.json"
+    assert main(["eval", "--model", NAME, "--config", "none", "--benchmark", "ifeval", "--benchmark-data", str(bench),
+                 "--max-new-tokens", "40", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    scores = report["results"][0]["verifiable"]
+    assert scores["per_instruction"]["length_constraints:number_words"]["strict"] == 1.0
+    assert scores["per_instruction"]["detectable_format:number_bullet_lists"]["loose"] == 0.0
+    answers = [json.loads(line)["completion"] for line in (tmp_path / "ifeval.generations.jsonl").open()]
+    assert "Paris" in answers[0] and answers[1].count("\n* ") + answers[1].startswith("* ") == 2
