@@ -51,7 +51,7 @@ def _model(hidden: int, layers: int, vocab: int, seed: int, device: str):
     return AutoModelForCausalLM.from_config(cfg).to(device).eval()
 
 
-def _skd_pair(pair: str, batch: int):
+def _skd_pair(pair: str, batch: int, student_layers: int = 20):
     """(student, teacher, prompt ids, prompt mask, vocab size) of a real pair, float32, eval mode."""
     from gkd.data import PromptDataset, collate, load_rows
     from gkd.models import evenly_spaced_layers, load_model, load_tokenizer, prune_layers, resolve_model
@@ -65,9 +65,11 @@ def _skd_pair(pair: str, batch: int):
         import tempfile
 
         teacher_path = resolve_model("builtin:smollm2-135m-instruct", role="teacher")
-        student_dir = Path(tempfile.gettempdir()) / "gkd-bench-skd" / "student-20-of-30"
-        if not (student_dir / "config.json").exists():
-            prune_layers(teacher_path, evenly_spaced_layers(30, 20), student_dir)
+        student_dir = Path(tempfile.gettempdir()) / "gkd-bench-skd" / f"student-{student_layers}-of-30"
+        if student_layers >= 30:  # the teacher itself: a student that agrees with it
+            student_dir = Path(teacher_path)
+        elif not (student_dir / "config.json").exists():
+            prune_layers(teacher_path, evenly_spaced_layers(30, student_layers), student_dir)
         student_path = str(student_dir)
         tok = load_tokenizer(teacher_path)
         rows = load_rows(str(ROOT / "recipes" / "data" / "instructions.jsonl"), tok, num_examples=batch)[:batch]
@@ -89,7 +91,7 @@ def skd_main(args: argparse.Namespace) -> None:
     from gkd.scorer import score
 
     torch.manual_seed(0)
-    student, teacher, prompts, mask, vocab, pad = _skd_pair(args.skd, args.batch)
+    student, teacher, prompts, mask, vocab, pad = _skd_pair(args.skd, args.batch, args.student_layers)
     params = SamplingParams(max_new_tokens=args.new, temperature=args.temperature)
     kw = dict(eos_token_id=-1, pad_token_id=pad, vocab_size=vocab)  # no EOS: every row runs args.new tokens
     plain_rollout = {}
@@ -103,11 +105,13 @@ def skd_main(args: argparse.Namespace) -> None:
 
     def skd(k: int):
         return lambda: sample_skd(student, prompts, mask, params, teacher=teacher, skd_top_k=args.skd_top_k,
-                                  draft_tokens=k, generator=torch.Generator().manual_seed(1), **kw)
+                                  draft_tokens=k, adaptive_draft=not args.fixed_draft,
+                                  generator=torch.Generator().manual_seed(1), **kw)
 
     methods = {"plain sampling": plain, "teacher scoring pass": scoring}
+    draft = "draft" if args.fixed_draft else "adaptive draft ≤"
     for k in args.draft:
-        methods[f"SKD (K={args.skd_top_k}), draft {k}"] = skd(k)
+        methods[f"SKD (K={args.skd_top_k}), {draft} {k}"] = skd(k)
     times: dict[str, list[float]] = {m: [] for m in methods}
     extra: dict[str, dict[str, float]] = {}
     with torch.no_grad():
@@ -127,7 +131,7 @@ def skd_main(args: argparse.Namespace) -> None:
     rows = [{"method": "plain sampling", "median_s": med["plain sampling"]},
             {"method": "plain sampling + teacher scoring", "median_s": base}]
     for k in args.draft:
-        name = f"SKD (K={args.skd_top_k}), draft {k}"
+        name = f"SKD (K={args.skd_top_k}), {draft} {k}"
         rows.append({"method": name, "median_s": med[name], **extra[name]})
         rows.append({"method": name + " + teacher scoring", "median_s": med[name] + med["teacher scoring pass"],
                      **extra[name]})
@@ -136,6 +140,7 @@ def skd_main(args: argparse.Namespace) -> None:
     setup = {"pair": args.skd, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
              "vocab": vocab, "batch": int(prompts.shape[0]), "prompt_len": int(prompts.shape[1]),
              "max_new_tokens": args.new, "temperature": args.temperature, "skd_top_k": args.skd_top_k,
+             "student_layers": args.student_layers if args.skd == "smollm2" else None, "adaptive_draft": not args.fixed_draft,
              "reps": args.reps, "runs_s": times, "student_params": sum(p.numel() for p in student.parameters()),
              "teacher_params": sum(p.numel() for p in teacher.parameters())}
     lines = ["| method | median s | × (plain + teacher scoring) | replaced | tokens per teacher pass |",
@@ -148,7 +153,8 @@ def skd_main(args: argparse.Namespace) -> None:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"rollout_skd_{args.skd}_k{args.skd_top_k}"
+    tag = f"rollout_skd_{args.skd}_k{args.skd_top_k}" + (f"_s{args.student_layers}" if args.skd == "smollm2" else "") \
+        + ("_fixed" if args.fixed_draft else "")
     (out / f"{tag}.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=1))
     (out / f"{tag}.md").write_text(table + "\n")
 
@@ -169,6 +175,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="--skd: prompts per batch")
     parser.add_argument("--new", type=int, default=64, help="--skd: new tokens per prompt")
     parser.add_argument("--temperature", type=float, default=1.0, help="--skd: sampling temperature")
+    parser.add_argument("--student-layers", type=int, default=20,
+                        help="--skd smollm2: layers the student keeps of the teacher's 30 (30: the teacher itself, "
+                             "a student that agrees with it, as after distillation)")
+    parser.add_argument("--fixed-draft", action="store_true", help="--skd: fixed draft length (no adaptive_draft)")
     args = parser.parse_args()
     if args.skd:
         return skd_main(args)

@@ -91,15 +91,22 @@ def sample_skd(
     teacher: torch.nn.Module,
     skd_top_k: int,
     draft_tokens: int = 4,
+    adaptive_draft: bool = True,
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     vocab_size: int | None = None,
     generator: torch.Generator | None = None,
     all_ranks_done: Callable[[bool], bool] | None = None,
 ) -> Rollout:
-    """SKD completions of left-padded prompts (see the module docstring), ``draft_tokens`` student drafts
-    per teacher pass; the arguments are :func:`gkd.rollout.sample`'s. Both models are put in eval mode
-    for sampling (the student's mode is restored).
+    """SKD completions of left-padded prompts (see the module docstring), at most ``draft_tokens`` student
+    drafts per teacher pass; the other arguments are :func:`gkd.rollout.sample`'s. Both models are put
+    in eval mode for sampling (the student's mode is restored).
+
+    With ``adaptive_draft`` each round drafts ``k = clamp(⌈a/(1−a)⌉ + 1, 1, draft_tokens)`` tokens, ``a``
+    the share of drafts this call has kept so far (smoothed: ``(kept + 1)/(judged + 2)``): the expected
+    run of kept drafts plus the one that ends it. A student that is often replaced (a broken one, early
+    in training) then stops paying for drafts that are thrown away, and a good one drafts long blocks.
+    ``k`` depends only on earlier rounds, so every round is still exactly token-by-token SKD.
 
     Rows advance by different amounts per round; both KV caches keep one common layout in which the
     slots of dropped drafts are holes in the attention mask (explicit position ids keep positions
@@ -113,7 +120,8 @@ def sample_skd(
     model.eval()
     teacher.eval()
     try:
-        return _sample_skd(model, teacher, prompt_ids, prompt_mask, params, top_k=skd_top_k, k=draft_tokens,
+        return _sample_skd(model, teacher, prompt_ids, prompt_mask, params, top_k=skd_top_k, k_max=draft_tokens,
+                           adaptive=adaptive_draft,
                            eos=_as_id_tensor(eos_token_id, prompt_ids.device), pad_token_id=pad_token_id,
                            vocab_size=vocab_size, generator=generator, all_ranks_done=all_ranks_done)
     finally:
@@ -122,7 +130,7 @@ def sample_skd(
 
 
 def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                params: SamplingParams, *, top_k: int, k: int, eos: torch.Tensor, pad_token_id: int,
+                params: SamplingParams, *, top_k: int, k_max: int, adaptive: bool, eos: torch.Tensor, pad_token_id: int,
                 vocab_size: int | None, generator: torch.Generator | None,
                 all_ranks_done: Callable[[bool], bool] | None) -> Rollout:
     device = prompt_ids.device
@@ -135,17 +143,20 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
     student_step, teacher_step = _Decoder(model, vocab_size), _Decoder(teacher, vocab_size)
     s_logits = student_step(prompt_ids, attention, positions)
     t_first = teacher_step(prompt_ids, attention, positions)  # p for the first new token
-    width = max_new + k  # room for a round's overshoot; column width - 1 takes the writes of finished rows
+    width = max_new + k_max  # room for a round's overshoot; column width - 1 takes the writes of finished rows
     names = ("q", "p", "s", "replaced")
     out = {name: torch.zeros(batch, width, device=device) for name in names}
     out_ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
     length = torch.zeros(batch, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    cols = torch.arange(k, device=device)
     rows = torch.arange(batch, device=device)
     pending: torch.Tensor | None = None  # last committed token, not yet in either cache
     stats = torch.zeros(3, dtype=torch.long, device=device)  # on live rows: drafts accepted, replaced, row-rounds
+    kept = judged = 0  # drafts kept / judged so far on live rows (adaptive draft length)
     for _ in range(max_new):  # every round commits >= 1 token per live row
+        a = (kept + 1) / (judged + 2)
+        k = min(k_max, max(1, math.ceil(a / (1 - a)) + 1)) if adaptive else k_max
+        cols = torch.arange(k, device=device)
         # --- draft: k student steps; the tokens fed here are appended to both caches ---
         fed = [] if pending is None else [pending]
         start = base + length + (1 if pending is None else 0)  # position of the first fed token
@@ -200,7 +211,9 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
                   "replaced": put.float()}
         n_new = torch.where(rejected, n_acc + 1, torch.full_like(n_acc, k))
         live = ~finished
-        stats += torch.stack([(n_acc * live).sum(), (rejected & live).sum(), live.sum()])  # no host sync
+        stats += torch.stack([(n_acc * live).sum(), (rejected & live).sum(), live.sum()])
+        if adaptive:
+            kept, judged = int(stats[0]), int(stats[0] + stats[1])
         # the fed slots that hold dropped drafts become holes (slot s holds d_s, or the pending token at s=0)
         if fed:
             draft_index = cols[: len(fed)] + (0 if pending is not None else 1)  # which d_j each slot holds (0: pending)

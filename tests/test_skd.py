@@ -49,11 +49,12 @@ def test_top_k_membership_and_token_law_by_hand():
     torch.testing.assert_close(s, torch.tensor([0.5 * 0.1, 0.25 + 0.5 * 0.4, 0.5 * 0.2, 0.25 + 0.5 * 0.3]))
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_skd_draws_whole_sequences_from_the_replacement_rule_chi_square(k):
+@pytest.mark.parametrize("k, adaptive", [(1, False), (3, False), (4, True)])
+def test_skd_draws_whole_sequences_from_the_replacement_rule_chi_square(k, adaptive):
     """χ² over every completion of 3 tokens (EOS = 3 ends early) against the float64 law of token-by-
     token SKD: the block form (drafts, one teacher pass, accept to the first miss, teacher draw there)
-    is exact for any draft length, with replacements, dropped drafts and EOS inside a round."""
+    is exact for any draft length, fixed or adapted to the acceptance so far, with replacements,
+    dropped drafts and EOS inside a round."""
     g = torch.Generator().manual_seed(5)
     q_tab, p_tab, top_k, eos = torch.randn(5, 5, generator=g) * 1.5, torch.randn(5, 5, generator=g) * 1.5, 2, 3
     law = _skd_table(q_tab, p_tab, top_k)
@@ -61,7 +62,8 @@ def test_skd_draws_whole_sequences_from_the_replacement_rule_chi_square(k):
     n = 40000
     ids, mask = torch.full((n, 2), 1), torch.ones(n, 2, dtype=torch.bool)
     r = sample_skd(MarkovLM(q_tab), ids, mask, SamplingParams(max_new_tokens=3), eos_token_id=eos, pad_token_id=0,
-                   generator=torch.Generator().manual_seed(k), teacher=MarkovLM(p_tab), skd_top_k=top_k, draft_tokens=k)
+                   generator=torch.Generator().manual_seed(k), teacher=MarkovLM(p_tab), skd_top_k=top_k, draft_tokens=k,
+                   adaptive_draft=adaptive)
     counts: dict[tuple, int] = {}
     for row, m in zip(r.completion_ids.tolist(), r.completion_mask.tolist(), strict=True):
         seq = tuple(t for t, keep in zip(row, m, strict=True) if keep)
