@@ -50,11 +50,26 @@ def test_lambda_endpoints(tmp_path, lmbda):
 
 
 def test_seq_kd_and_kd_objectives_run(tmp_path):
-    for extra in (["seq_kd=true", "lmbda=0"], ["divergence=kd", "kd_weight=0.5"], ["reduction=sequence_mean"]):
+    """From the command line; their maths is checked by hand in tests/test_objective_reference.py. Here:
+    the settings reach the run (seq_kd's off-policy completions are the teacher's, not the references;
+    the kd loss moves with kd_weight)."""
+    runs = {}
+    for extra in (["lmbda=0"], ["seq_kd=true", "lmbda=0"], ["divergence=kd", "kd_weight=0.5", "lmbda=0"],
+                  ["divergence=kd", "kd_weight=1.0", "lmbda=0"], ["reduction=sequence_mean", "lmbda=0"]):
         out = tmp_path / "_".join(extra).replace("=", "-")
         assert main(["train", TINY, f"output_dir={out}", "max_steps=2", "progress_bar=false",
                      "save_final_model=false", *extra]) == 0
-        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(out))
+        runs[" ".join(extra)] = rows = _metrics(out)
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and all(r["on_policy"] == 0 for r in rows)
+    ref, seqkd = runs["lmbda=0"], runs["seq_kd=true lmbda=0"]
+    assert [r["completion_len_mean"] for r in seqkd] != [r["completion_len_mean"] for r in ref]
+    assert seqkd[0]["loss"] != pytest.approx(ref[0]["loss"], rel=1e-3)
+    kd_half, kd_soft = runs["divergence=kd kd_weight=0.5 lmbda=0"], runs["divergence=kd kd_weight=1.0 lmbda=0"]
+    assert kd_half[0]["loss"] != pytest.approx(kd_soft[0]["loss"], rel=1e-3)
+    assert kd_half[0]["completion_len_mean"] == ref[0]["completion_len_mean"]  # the same reference batch
+    # builtin:addition's references all have one length, so sequence_mean equals the token mean here (its
+    # difference on unequal lengths: tests/test_objective_reference.py)
+    assert runs["reduction=sequence_mean lmbda=0"][0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-5)
 
 
 def test_config_errors_exit_nonzero_with_one_line(tmp_path, capsys):

@@ -58,6 +58,15 @@ def test_minillm_recipe_runs_from_the_cli(tmp_path):
     rows = _metrics(out)
     for key in ("loss", "pg", "single_step", "ratio", "token_reward_mean", "time_rollout"):
         assert key in rows[0]
+    # 16 rollouts in minibatches of 8, 2 PPO epochs: one buffer of 4 steps, its rewards shared
+    assert [r["ppo_epoch"] for r in rows] == [0, 0, 1, 1]
+    assert len({r["token_reward_mean"] for r in rows}) == 1
+    # the first update of a buffer sees the student that sampled it: q_θ = q_old, ratio exactly 1
+    assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-6) and rows[0]["clip_frac"] == 0.0
+    assert any(abs(r["ratio"] - 1.0) > 1e-4 for r in rows[1:])  # later minibatches see an updated student
+    for r in rows:  # loss = PPO long-term term + α·single_step_coef·single-step KL (α = coef = 1 here)
+        assert r["loss"] == pytest.approx(r["pg"] + r["single_step"], rel=1e-5)
+        assert r["single_step"] > 0 and 0.0 <= r["clip_frac"] <= 1.0 and 0.0 < r["mix_draft_accept"] <= 1.0
 
 
 def test_user_reward_enters_the_return_at_the_final_token():
