@@ -103,7 +103,7 @@ class GKDConfig:
     seq_kd: bool = _f(False, "Off-policy steps use the teacher's own samples instead of dataset references (SeqKD).")
     rollout: str = _f("student", "Who writes on-policy completions: student (samples of q_θ, GKD) or skd (speculative KD, Xu et al. 2025; gkd/rollout_skd.py): the student proposes each token and a proposal outside the teacher's top skd_top_k tokens (after the same temperature / top-k / top-p) is replaced by the teacher's draw; the completion is then trained on like an on-policy one. Needs a local teacher. Logged: skd_replaced (share of tokens the teacher drew), skd_tokens_per_teacher_pass.")
     skd_top_k: int = _f(25, "rollout=skd: K of the teacher's top-K that a student proposal must fall in to be kept (the paper's default 25; 5-50 all worked there). K >= vocabulary size: the student's own samples.")
-    skd_draft_tokens: int = _f(4, "rollout=skd: at most this many tokens drafted by the student per teacher pass; drafts are kept up to the first one outside the teacher's top-K, which the teacher's draw replaces (exactly token-by-token SKD for any value). Each round drafts about as many as the acceptance so far says will be kept, plus one, so a student that is mostly replaced stops paying for discarded drafts. 1: the teacher steps with every token.")
+    skd_draft_tokens: int = _f(4, "rollout=skd: at most this many tokens drafted by the student per teacher pass; drafts are kept up to the first one outside the teacher's top-K, which the teacher's draw replaces (exactly token-by-token SKD for any value). Each round drafts about as many as the acceptance so far says will be kept, plus one, so a student that is mostly replaced stops paying for discarded drafts (always this many under ZeRO-3 with zero3_gather_for_generation: false, where ranks must make the same forward calls). 1: the teacher steps with every token.")
 
     # --- more objectives (DKD, logit MSE, hidden states, attention) and their weighted sum ---
     objectives: list[str] = _f([], "Weighted sum of objectives, e.g. ['0.7*jsd(beta=0.5)', '0.3*hidden_mse']; entries WEIGHT*NAME(key=value). Names: the divergences, dkd, logit_mse, sampled_reverse_kl, hidden_mse, hidden_cosine, attention_kl. Empty: 1·divergence. With minillm they are added to its loss.")
@@ -365,6 +365,9 @@ class GKDConfig:
                               "k is the vocabulary size)")
         if self.seq_kd:
             raise ConfigError(f"{served} scores but does not generate: seq_kd needs a local teacher")
+        if self.lmbda_schedule == "adaptive" and not self.teacher_topk:
+            raise ConfigError(f"{served}: lmbda_schedule=adaptive measures KL(teacher‖student) on held-out text, "
+                              "from the server's top-k: set teacher_topk (e.g. 64)")
         if self.rollout == "skd":
             raise ConfigError(f"{served}: rollout=skd replaces a token by a draw from the teacher's full distribution "
                               "at that position, which a server's top-k does not give; use a local teacher")

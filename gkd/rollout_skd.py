@@ -102,7 +102,7 @@ def sample_skd(
     drafts per teacher pass; the other arguments are :func:`gkd.rollout.sample`'s. Both models are put
     in eval mode for sampling (the student's mode is restored).
 
-    With ``adaptive_draft`` each round drafts ``k = clamp(⌈a/(1−a)⌉ + 1, 1, draft_tokens)`` tokens, ``a``
+    With ``adaptive_draft`` each round drafts ``k = min(⌊a/(1−a)⌋ + 1, draft_tokens)`` tokens, ``a``
     the share of drafts this call has kept so far (smoothed: ``(kept + 1)/(judged + 2)``): the expected
     run of kept drafts plus the one that ends it. A student that is often replaced (a broken one, early
     in training) then stops paying for drafts that are thrown away, and a good one drafts long blocks.
@@ -155,7 +155,7 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
     kept = judged = 0  # drafts kept / judged so far on live rows (adaptive draft length)
     for _ in range(max_new):  # every round commits >= 1 token per live row
         a = (kept + 1) / (judged + 2)
-        k = min(k_max, max(1, math.ceil(a / (1 - a)) + 1)) if adaptive else k_max
+        k = min(k_max, math.floor(a / (1 - a)) + 1) if adaptive else k_max
         cols = torch.arange(k, device=device)
         # --- draft: k student steps; the tokens fed here are appended to both caches ---
         fed = [] if pending is None else [pending]

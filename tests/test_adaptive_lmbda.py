@@ -77,6 +77,8 @@ def test_adaptive_lambda_resumes_bit_exactly(tmp_path):
     (dict(lmbda_schedule="adaptive", lmbda_check_steps=2, lmbda=0.5, lmbda_end=0.2), "below it"),
     (dict(lmbda_schedule="adaptive", lmbda_check_steps=2, lmbda_step=0.0), "lmbda_step"),
     (dict(lmbda_schedule="adaptive", lmbda_check_steps=2, algorithm="minillm"), "algorithm=gkd"),
+    (dict(lmbda_schedule="adaptive", lmbda_check_steps=2, teacher="http://127.0.0.1:1", divergence="sampled_reverse_kl"),
+     "set teacher_topk"),
 ])
 def test_adaptive_settings_are_checked(fields, words):
     from gkd.config import ConfigError, GKDConfig

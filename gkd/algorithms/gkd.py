@@ -90,6 +90,9 @@ class GKD(Algorithm):
         self.adaptive = AdaptiveLambda(cfg.lmbda, cfg.lmbda_step, cfg.lmbda_end if cfg.lmbda_end is not None else 1.0,
                                        cfg.lmbda_tolerance) if cfg.lmbda_schedule == "adaptive" else None
         self.validation: list[Rollout] | None = None  # adaptive λ: the held-out completions, built at the first check
+        # ZeRO-3 sampling without whole-weight gathers: ranks gather layer by layer, so every rank must make the
+        # same forward calls; SKD's adaptive draft length (chosen per rank) is then fixed at skd_draft_tokens
+        self.layer_lockstep = distributed.zero_stage(parts.accelerator) == 3 and not cfg.zero3_gather_for_generation
 
     state_files = (ADAPTIVE_FILE,)
 
@@ -183,7 +186,8 @@ class GKD(Algorithm):
                 batch = repeat_batch(batch, cfg.num_generations)
             if cfg.rollout == "skd":  # speculative KD: the teacher replaces proposals outside its top-K
                 rollout = sampler.sample(batch, self.parts.unwrapped, teacher=self.parts.teacher,
-                                         skd_top_k=cfg.skd_top_k, draft_tokens=cfg.skd_draft_tokens)
+                                         skd_top_k=cfg.skd_top_k, draft_tokens=cfg.skd_draft_tokens,
+                                         adaptive_draft=not self.layer_lockstep)
             else:
                 rollout = sampler.sample(batch, self.parts.unwrapped)
         else:
