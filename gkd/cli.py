@@ -185,7 +185,8 @@ def _serve_teacher(args: argparse.Namespace) -> int:
         print(f"gkd serve-teacher: warning: listening on {args.host} without a bearer token; anyone who can reach "
               f"this port can use the teacher (set {args.api_key_env})", file=sys.stderr)
     limits = ServerLimits()
-    for name in ("max_batch_size", "max_sequence_length", "max_batch_tokens", "chunk_tokens"):
+    for name in ("max_batch_size", "max_sequence_length", "max_batch_tokens", "chunk_tokens", "max_body_bytes",
+                 "max_connections"):
         value = getattr(args, name)
         if value is not None:
             if value <= 0:
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-sequence-length", type=int, help="tokens per sequence (default 8192, capped by the model)")
     srv.add_argument("--max-batch-tokens", type=int, help="tokens per request (default 262144)")
     srv.add_argument("--chunk-tokens", type=int, help="padded tokens per teacher forward (default 16384)")
+    srv.add_argument("--max-body-bytes", type=int, help="request body size, refused while reading (default 16 MiB)")
+    srv.add_argument("--max-connections", type=int, help="open connections; more get 503 (default 64)")
     srv.set_defaults(func=_serve_teacher)
     return parser
 

@@ -268,3 +268,16 @@ def test_cache_with_top_k_above_the_vocabulary_equals_the_live_teacher(tokenizer
                      teacher_cache=str(tmp_path / "cache"))
     for a, b in zip(live, cached, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-5, abs=1e-6)
+
+
+def test_cli_second_cache_writer_is_one_line_exit_2(tmp_path, capsys):
+    """Two `gkd cache-teacher` on one folder: the second stops with one line (was a traceback, exit 1)."""
+    from filelock import FileLock
+
+    cache = tmp_path / "cache"
+    with FileLock(str(tmp_path / "cache.lock")):  # the first writer, still at work
+        code = main(["cache-teacher", TINY, f"teacher_cache={cache}", "teacher_topk=8", "max_new_tokens=6",
+                     "num_train_examples=64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is being written by another gkd cache-teacher" in err and err.strip().count("\n") == 0, err
+    assert not cache.exists()

@@ -1,7 +1,9 @@
 """The teacher server's wire format, shared by ``gkd serve-teacher`` and its client.
 
-``GET /info`` → ``{"protocol", "model", "tokenizer_hash", "vocab_size", "max_batch_size",
-"max_sequence_length", "max_batch_tokens"}``.
+``GET /info`` → ``{"protocol", "model", "model_fingerprint", "tokenizer_hash", "vocab_size",
+"max_body_bytes", "max_batch_size", "max_sequence_length", "max_batch_tokens", "max_top_k"}``; the client
+reads it again after every new connection and stops (exit 76) if ``model``, ``model_fingerprint`` or
+``tokenizer_hash`` changed.
 
 ``POST /score`` with ``{"sequences": [{"prompt_ids": [...], "completion_ids": [...]}, ...],
 "top_k": k, "temperature": τ}`` → per completion position (position ``t`` predicts completion token
@@ -15,7 +17,8 @@
 * ``lengths``: completion positions per sequence.
 
 Arrays travel as ``{"dtype", "shape", "data"}`` with ``data`` base64 of the little-endian bytes, so
-values arrive bit-exact. Errors are ``{"error": "one line"}`` with a 4xx status.
+values arrive bit-exact. Every answer other than a 200 is ``{"error": "one line"}`` (4xx: the
+request's fault; 5xx / 503: retried by the client).
 """
 
 from __future__ import annotations
