@@ -92,7 +92,7 @@ def test_sequence_mean_reduction_by_hand(tokenizer, tmp_path, monkeypatch, chunk
             t = t64(torch.tensor([p + c])).logits[0, window, : len(tokenizer)]
         per_seq.append(_jsd64(s, t, 0.2).mean())
     loss = torch.stack(per_seq).mean()
-    assert metrics["loss"] == pytest.approx(float(loss), rel=1e-4)
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-4)
     loss.backward()
     assert len(grads) == 1
     for got, param in zip(grads[0], s64.parameters(), strict=True):
