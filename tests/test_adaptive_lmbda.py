@@ -85,3 +85,16 @@ def test_adaptive_settings_are_checked(fields, words):
 
     with pytest.raises(ConfigError, match=words):
         GKDConfig(**{"teacher": "t", "student": "s", **fields})
+
+
+def test_two_processes_agree_on_lambda(tmp_path):
+    """2 CPU ranks (gloo, ~20 s): the validation loss is summed over ranks and rank 0's λ is broadcast, so
+    both ranks take every coin alike (on_policy_ranks is 0 or 2, never 1), with SKD's lockstep sampling."""
+    from test_train import _launch
+
+    rows = _launch(2, tmp_path / "two", "max_steps=4", "per_device_batch_size=4", "lmbda_schedule=adaptive", "lmbda=0",
+                   "lmbda_step=0.5", "lmbda_check_steps=2", "lmbda_val_prompts=8", "lmbda_tolerance=100",
+                   "rollout=skd", "skd_top_k=3", "max_new_tokens=7", "log_samples_steps=0")
+    assert [r["lmbda"] for r in rows] == [0.0, 0.0, 0.5, 0.5]
+    assert [("lmbda_val_loss" in r) for r in rows] == [True, False, True, False]
+    assert all(r["on_policy_ranks"] == 2 * r["on_policy"] for r in rows)
