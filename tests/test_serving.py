@@ -374,3 +374,31 @@ def test_info_publishes_the_model_fingerprint(tokenizer, teacher):
     with torch.no_grad():
         next(other.parameters())[0, 0] += 1
     assert TeacherService(other, tokenizer).info()["model_fingerprint"] != info["model_fingerprint"]
+
+
+def test_over_the_limit_the_server_stops_reading_and_answers_413_on_loopback(tokenizer, teacher):
+    """A 30 MiB chunked body against a 1 MiB limit: httpx gets the 413 with its reason, and the server
+    closes the connection instead of reading the rest (was: read whole, 1 GB peaked at +2 GB)."""
+    import httpx
+
+    server, thread, port = _serve_in_thread(TeacherService(teacher, tokenizer,
+                                                           limits=ServerLimits(max_body_bytes=1 << 20)))
+    url = f"http://127.0.0.1:{port}/score"
+    sent = [0]
+
+    def body():
+        for _ in range(30):
+            sent[0] += 1
+            yield b" " * (1 << 20)
+
+    try:
+        with httpx.Client(timeout=30) as client:
+            r = client.post(url, content=body(), headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
+            assert sent[0] < 20, f"{sent[0]} MiB sent: the server read on past its limit"
+            r = client.post(url, content=b" " * (3 << 20), headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "3145728 bytes" in r.json()["error"]  # Content-Length: no read at all
+            assert client.post(url, json=_request(k=3)).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -258,7 +258,10 @@ def create_app(service: TeacherService, api_key: str | None = None):
     reading: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop → its body-reading semaphore
 
     def refuse(status: int, message: str) -> Response:
-        return Response(_error_body(status, message), status_code=status, media_type="application/json")
+        # a refusal before the whole body was read closes the connection: the rest of the body is not read
+        headers = {"connection": "close"} if status in (401, 408, 413, 415) else None
+        return Response(_error_body(status, message), status_code=status, media_type="application/json",
+                        headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
