@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from gkd.losses import TeacherTopK
 from gkd.rollout import (
     Rollout,
     SamplingParams,
@@ -58,6 +59,7 @@ from gkd.rollout import (
     build_logits_processors,
     position_ids_from_mask,
 )
+from gkd.serving.protocol import padded_topk
 
 __all__ = ["in_teacher_top_k", "sample_skd", "skd_metrics", "skd_token_logprobs"]
 
@@ -92,6 +94,7 @@ def sample_skd(
     skd_top_k: int,
     draft_tokens: int = 4,
     adaptive_draft: bool = True,
+    keep_teacher_topk: tuple[int, float] | None = None,
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     vocab_size: int | None = None,
@@ -108,6 +111,10 @@ def sample_skd(
     in training) then stops paying for drafts that are thrown away, and a good one drafts long blocks.
     ``k`` depends only on earlier rounds, so every round is still exactly token-by-token SKD.
 
+    ``keep_teacher_topk = (k, τ)`` keeps, from the verification passes, the teacher's top-``k`` view
+    at temperature ``τ`` of every committed position in ``Rollout.teacher_cache`` (``(τ, TeacherTopK)``,
+    what :func:`gkd.scorer.score` with ``topk=k`` returns), so the loss needs no teacher scoring pass.
+
     Rows advance by different amounts per round; both KV caches keep one common layout in which the
     slots of dropped drafts are holes in the attention mask (explicit position ids keep positions
     contiguous per row), as in the teacher-mixed sampler. Greedy (``do_sample=False``): the student's
@@ -121,7 +128,7 @@ def sample_skd(
     teacher.eval()
     try:
         return _sample_skd(model, teacher, prompt_ids, prompt_mask, params, top_k=skd_top_k, k_max=draft_tokens,
-                           adaptive=adaptive_draft,
+                           adaptive=adaptive_draft, keep=keep_teacher_topk,
                            eos=_as_id_tensor(eos_token_id, prompt_ids.device), pad_token_id=pad_token_id,
                            vocab_size=vocab_size, generator=generator, all_ranks_done=all_ranks_done)
     finally:
@@ -130,7 +137,8 @@ def sample_skd(
 
 
 def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                params: SamplingParams, *, top_k: int, k_max: int, adaptive: bool, eos: torch.Tensor, pad_token_id: int,
+                params: SamplingParams, *, top_k: int, k_max: int, adaptive: bool, keep: tuple[int, float] | None,
+                eos: torch.Tensor, pad_token_id: int,
                 vocab_size: int | None, generator: torch.Generator | None,
                 all_ranks_done: Callable[[bool], bool] | None) -> Rollout:
     device = prompt_ids.device
@@ -147,6 +155,9 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
     names = ("q", "p", "s", "replaced")
     out = {name: torch.zeros(batch, width, device=device) for name in names}
     out_ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
+    if keep is not None:  # the teacher's top-k view of committed positions: uniform filler elsewhere (masked)
+        kk = min(keep[0], int(t_first.shape[-1]))
+        view = [t.to(device) for t in padded_topk(batch, width, kk)]  # indices, logprobs, log tail
     length = torch.zeros(batch, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
@@ -227,6 +238,14 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
         out_ids.scatter_(1, index, torch.where(valid, new_ids, pad_token_id))
         for name in names:
             out[name].scatter_(1, index, torch.where(valid, values[name], 0.0))
+        if keep is not None:
+            lp = r_all if keep[1] == 1.0 else torch.log_softmax(p_raw / keep[1], dim=-1)
+            top, idx = lp.topk(kk, dim=-1)  # (B, k, kk)
+            tail = torch.logsumexp(lp.scatter(-1, idx, -math.inf), -1).clamp(min=TeacherTopK.LOG_ZERO)
+            at = torch.where(valid, index, width - 1)
+            for buf, val in ((view[0], idx), (view[1], top)):
+                buf.scatter_(1, at[..., None].expand(-1, -1, kk), torch.where(valid[..., None], val, buf[:, -1:]))
+            view[2].scatter_(1, at, torch.where(valid, tail, view[2][:, -1:]))
         length = length + valid.sum(1)
         finished = finished | (is_eos & valid).any(1) | (length >= max_new)
         pending = new_ids[rows, (n_new - 1).clamp(max=k - 1)]
@@ -235,12 +254,15 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
             break
     used = max(int(length.max()), 1)
     mask = torch.arange(used, device=device)[None] < length[:, None]
+    cached = None
+    if keep is not None:
+        cached = (keep[1], TeacherTopK(view[0][:, :used], view[1][:, :used], view[2][:, :used]))
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(),
         completion_ids=out_ids[:, :used].masked_fill(~mask, pad_token_id),
         completion_mask=mask, on_policy=True, sampled_logprobs=out["q"][:, :used] * mask,
         teacher_logprobs=out["p"][:, :used] * mask, mixed_logprobs=out["s"][:, :used] * mask,
-        skd_replaced=(out["replaced"][:, :used] > 0) & mask,
+        skd_replaced=(out["replaced"][:, :used] > 0) & mask, teacher_cache=cached,
         draft_stats=tuple(stats.tolist()),  # type: ignore[arg-type]
     )
 

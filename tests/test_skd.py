@@ -144,6 +144,27 @@ def test_skd_keeps_the_caches_right_and_greedy_matches_token_by_token(tokenizer)
     assert torch.equal(one.completion_ids, four.completion_ids) and one.skd_replaced.any()
 
 
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_kept_teacher_view_equals_a_scoring_pass(tokenizer, tau):
+    """keep_teacher_topk: the top-k view of every committed position, taken from the verification passes,
+    is what gkd.scorer.score(topk=k, temperature=τ) computes on the finished sequences (no second pass)."""
+    from gkd.scorer import score
+
+    student, teacher = tiny_model(tokenizer, hidden=32, seed=4), tiny_model(tokenizer, hidden=64, seed=5)
+    enc = tokenizer(["<bos>12+34=", "<bos>5+6=", "<bos>987+1="], add_special_tokens=False, padding=True,
+                    return_tensors="pt")
+    r = sample_skd(student, enc.input_ids, enc.attention_mask, SamplingParams(10, temperature=0.7), eos_token_id=2,
+                   pad_token_id=0, vocab_size=len(tokenizer), generator=torch.Generator().manual_seed(6),
+                   teacher=teacher, skd_top_k=2, draft_tokens=3, keep_teacher_topk=(4, tau))
+    assert r.skd_replaced.any() and r.teacher_cache[0] == tau
+    kept, m = r.teacher_cache[1], r.completion_mask
+    ref = score(teacher, r, len(tokenizer), topk=4, temperature=tau).teacher_logits
+    assert torch.equal(kept.indices[m], ref.indices[m])
+    torch.testing.assert_close(kept.logprobs[m], ref.logprobs[m], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kept.log_tail[m], ref.log_tail[m], rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(kept.logprobs).all() and torch.isfinite(kept.log_tail).all()
+
+
 def test_processors_apply_to_the_teacher_before_its_top_k():
     """With top-k = 1 sampling the teacher's processed support is its argmax alone: a student proposal
     elsewhere is always replaced, by that argmax."""
@@ -183,6 +204,39 @@ def test_skd_training_logs_the_replaced_share_and_resumes_bit_exactly(tmp_path):
     on = [r for r in a if r["on_policy"]]
     assert on and all(0 < r["skd_replaced"] < 1 and r["skd_tokens_per_teacher_pass"] >= 1 for r in on)
     assert all("skd_replaced" not in r for r in a if not r["on_policy"])
+
+
+def test_skd_training_with_teacher_topk_scores_the_teacher_only_while_sampling(tokenizer, tmp_path):
+    """rollout=skd with teacher_topk: the loss reuses the view kept from verification (no teacher pass over
+    prompt + completion per step), and gives the losses of a run whose loss scores the teacher again."""
+    import copy
+
+    from test_served_teacher import _train
+
+    from gkd.algorithms.gkd import GKD
+
+    teacher = tiny_model(tokenizer, hidden=64, seed=12)
+    calls: list[int] = []
+    counted = copy.deepcopy(teacher)
+    counted.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    fields = dict(lmbda=1.0, rollout="skd", skd_top_k=3, teacher_topk=6, log_samples_steps=0, max_steps=3)
+    _, kept = _train(tokenizer, tmp_path, "kept", counted, **fields)
+    assert sum(c > 4 for c in calls) == 3  # one pass over the prompts per step, then ≤ 4-token verifications
+
+    class Rescoring(GKD):
+        def skd_keep(self):
+            return None
+
+    import gkd.algorithms as registry
+
+    original = registry.ALGORITHMS["gkd"]
+    registry.ALGORITHMS["gkd"] = Rescoring
+    try:
+        _, rescored = _train(tokenizer, tmp_path, "rescored", copy.deepcopy(teacher), **fields)
+    finally:
+        registry.ALGORITHMS["gkd"] = original
+    for a, b in zip(kept, rescored, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.parametrize("fields, words", [

@@ -155,6 +155,14 @@ class GKD(Algorithm):
             metrics["on_policy_ranks"] = int(distributed.all_reduce_sum(torch.tensor(float(on_policy))).item())
         return metrics
 
+    def skd_keep(self) -> tuple[int, float] | None:
+        """With ``teacher_topk``, SKD keeps the teacher's top-k view (at this step's loss temperature) from
+        its verification passes, and the loss reuses it instead of scoring the teacher again."""
+        cfg, obj = self.config, self.parts.objectives
+        if cfg.teacher_topk and obj.needs_teacher_distribution and not obj.structural:
+            return cfg.teacher_topk, self.loss_temperature
+        return None
+
     def adaptive_check(self) -> dict[str, float]:
         """``lmbda_schedule: adaptive`` (:mod:`gkd.adaptive_lmbda`): every ``lmbda_check_steps`` steps (and
         before the first), the held-out validation loss, and λ raised by ``lmbda_step`` when it did not
@@ -187,7 +195,7 @@ class GKD(Algorithm):
             if cfg.rollout == "skd":  # speculative KD: the teacher replaces proposals outside its top-K
                 rollout = sampler.sample(batch, self.parts.unwrapped, teacher=self.parts.teacher,
                                          skd_top_k=cfg.skd_top_k, draft_tokens=cfg.skd_draft_tokens,
-                                         adaptive_draft=not self.layer_lockstep)
+                                         adaptive_draft=not self.layer_lockstep, keep_teacher_topk=self.skd_keep())
             else:
                 rollout = sampler.sample(batch, self.parts.unwrapped)
         else:
