@@ -141,6 +141,16 @@ def _save_teacher(tokenizer, folder, seed: int = 12):
     return teacher
 
 
+def _middle_tensor(weights) -> str:
+    """A tensor whose bytes lie away from the first and the last MiB of a safetensors file."""
+    size = weights.stat().st_size
+    with weights.open("rb") as fh:
+        header = int.from_bytes(fh.read(8), "little")
+        entries = json.loads(fh.read(header))
+    return next(name for name, e in entries.items() if name != "__metadata__"
+                and e["data_offsets"][0] + 8 + header > 1 << 20 and e["data_offsets"][1] + 8 + header < size - (1 << 20))
+
+
 def test_fingerprint_covers_the_middle_of_the_weight_file(tokenizer, tmp_path):
     """A teacher changed only in the middle of its weight file gets another fingerprint, and its cache
     is refused (was: only the first and last MiB hashed, the stale cache used with exit 0)."""
@@ -157,12 +167,7 @@ def test_fingerprint_covers_the_middle_of_the_weight_file(tokenizer, tmp_path):
     with safe_open(str(weights), framework="pt") as fh:
         tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
         metadata = fh.metadata()
-    # the tensor whose bytes lie in the middle of the file, away from the first and last MiB
-    with weights.open("rb") as fh:
-        header = int.from_bytes(fh.read(8), "little")
-        entries = json.loads(fh.read(header))
-    middle = next(name for name, e in entries.items() if name != "__metadata__"
-                  and e["data_offsets"][0] + 8 + header > 1 << 20 and e["data_offsets"][1] + 8 + header < size - (1 << 20))
+    middle = _middle_tensor(weights)
     tensors[middle] = tensors[middle].clone()
     tensors[middle][0, 0] += 1.0
     save_file(tensors, str(weights), metadata=metadata)
@@ -187,13 +192,16 @@ def test_weight_hashes_are_remembered_by_path_size_and_mtime(tmp_path, monkeypat
     calls = []
     real = hashlib.file_digest
     monkeypatch.setattr(hashlib, "file_digest", lambda fh, name: calls.append(1) or real(fh, name))
-    first = cache.file_sha256(file)
+    first = cache.file_sha256(file)  # just written: not remembered (a coarse mtime could hide a rewrite)
+    assert cache.file_sha256(file) == first and len(calls) == 2
+    old = file.stat().st_mtime_ns - 60 * 10**9
+    os.utime(file, ns=(old, old))  # written a minute ago: remembered
+    assert cache.file_sha256(file) == first and len(calls) == 3
     cache._FILE_HASHES.clear()  # a new process: the memo file answers
-    assert cache.file_sha256(file) == first and len(calls) == 1
-    st = file.stat()
-    file.write_bytes(b"a" * 499 + b"b" + b"a" * 500)  # same size, new mtime: hashed again
-    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
-    assert cache.file_sha256(file) != first and len(calls) == 2
+    assert cache.file_sha256(file) == first and len(calls) == 3
+    file.write_bytes(b"a" * 499 + b"b" + b"a" * 500)  # same size, another mtime: hashed again
+    os.utime(file, ns=(old + 1000, old + 1000))
+    assert cache.file_sha256(file) != first and len(calls) == 4
 
 
 def test_rows_with_one_prompt_and_different_completions_keep_their_own_scores(tokenizer, tmp_path):
@@ -281,3 +289,28 @@ def test_cli_second_cache_writer_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "is being written by another gkd cache-teacher" in err and err.strip().count("\n") == 0, err
     assert not cache.exists()
+
+
+def test_cli_refuses_a_cache_of_a_teacher_changed_in_the_middle_of_its_weights(tokenizer, tmp_path, capsys):
+    """End to end: cache-teacher with a teacher folder, then the middle of its weight file changes (same
+    size): training refuses the cache with one line, exit 2 (was: the stale cache used, exit 0)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "teacher"
+    _save_teacher(tokenizer, folder)
+    tokenizer.save_pretrained(folder)
+    cache = tmp_path / "cache"
+    common = [f"teacher={folder}", f"teacher_cache={cache}", "teacher_topk=8", "max_new_tokens=6",
+              "num_train_examples=64"]
+    assert main(["cache-teacher", TINY, *common]) == 0
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    tensors = load_file(str(weights))
+    tensors[_middle_tensor(weights)][3, 3] += 0.5
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    capsys.readouterr()
+    code = main(["train", TINY, "lmbda=0", "max_steps=1", f"output_dir={tmp_path / 'run'}", *common, *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and "was written for another setup (teacher: cache 'files:" in err, err
+    assert err.strip().count("\n") == 0

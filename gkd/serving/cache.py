@@ -55,10 +55,17 @@ def _hash_memo_file() -> Path:
     return cache_dir() / "file-sha256.json"
 
 
+_RACY_NS = 3_000_000_000  # a file modified this close to its hashing may change again within one mtime tick
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a whole file, streamed (flat memory), remembered by resolved path, size and mtime in
     this process and in ``$GKD_CACHE/file-sha256.json``: a teacher's weights are read once, not at every
-    start; a file rewritten since (new size or mtime) is hashed again."""
+    start; a file rewritten since (new size or mtime) is hashed again. As git's index does, a hash taken
+    within 3 s of the file's mtime is not remembered (a filesystem with coarse timestamps could show a
+    later rewrite with the same mtime)."""
+    import time
+
     real = Path(path).resolve()
     st = real.stat()
     key = (str(real), st.st_size, st.st_mtime_ns)
@@ -69,22 +76,23 @@ def file_sha256(path: str | Path) -> str:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
         memo = {}
-    entry = memo.get(key[0]) if isinstance(memo, dict) else None
-    if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns] and len(entry) == 3:
-        digest = str(entry[2])
-    else:
-        with real.open("rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        memo = memo if isinstance(memo, dict) else {}
-        memo[key[0]] = [st.st_size, st.st_mtime_ns, digest]
-        try:  # best effort: an unwritable cache folder only costs a re-hash next time
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, memo_file)
-        except OSError:
-            pass
+    memo = memo if isinstance(memo, dict) else {}
+    entry = memo.get(key[0])
+    if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns]:
+        return str(entry[2])
+    started = time.time_ns()
+    digest = _sha256_now(real)
+    if started - st.st_mtime_ns < _RACY_NS:
+        return digest
     _FILE_HASHES[key] = digest
+    memo[key[0]] = [st.st_size, st.st_mtime_ns, digest]
+    try:  # best effort: an unwritable cache folder only costs a re-hash next time
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_file)
+    except OSError:
+        pass
     return digest
 
 
