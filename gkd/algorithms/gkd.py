@@ -11,6 +11,7 @@ One optimizer step::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -166,23 +167,25 @@ class GKD(Algorithm):
     def adaptive_check(self) -> dict[str, float]:
         """``lmbda_schedule: adaptive`` (:mod:`gkd.adaptive_lmbda`): every ``lmbda_check_steps`` steps (and
         before the first), the held-out validation loss, and λ raised by ``lmbda_step`` when it did not
-        improve; rank 0's λ is broadcast. Logged on check steps: ``lmbda_val_loss``, ``lmbda_val_best``."""
+        improve; rank 0's λ is broadcast. Logged on check steps: ``lmbda_val_loss``, ``lmbda_val_best``,
+        ``time_lmbda_val`` (seconds, inside ``time_step``)."""
         cfg, parts = self.config, self.parts
         assert self.adaptive is not None
         if self.step % (cfg.lmbda_check_steps or cfg.eval_steps):
             return {}
-        with parts.timers("validation"):
-            if self.validation is None:
-                self.validation = validation_rollouts(
-                    parts.validation_rows or [], parts.tokenizer, parts.teacher, batch_size=cfg.per_device_batch_size,
-                    max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
-                    device=parts.accelerator.device, gather_for_generation=cfg.zero3_gather_for_generation)
-            loss = validation_loss(parts.student, parts.teacher, self.validation, parts.vocab_size,
-                                   topk=cfg.teacher_topk, chunk_size=cfg.loss_chunk_size,
-                                   all_reduce_sum=distributed.all_reduce_sum)
+        start = time.perf_counter()
+        if self.validation is None:
+            self.validation = validation_rollouts(
+                parts.validation_rows or [], parts.tokenizer, parts.teacher, batch_size=cfg.per_device_batch_size,
+                max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
+                device=parts.accelerator.device, gather_for_generation=cfg.zero3_gather_for_generation)
+        loss = validation_loss(parts.student, parts.teacher, self.validation, parts.vocab_size,
+                               topk=cfg.teacher_topk, chunk_size=cfg.loss_chunk_size,
+                               all_reduce_sum=distributed.all_reduce_sum)
         lmbda = self.adaptive.update(loss)
         self.adaptive.lmbda = float(distributed.broadcast_from_main(torch.tensor([lmbda], dtype=torch.float64))[0])
-        return {"lmbda_val_loss": loss, "lmbda_val_best": self.adaptive.best}
+        return {"lmbda_val_loss": loss, "lmbda_val_best": self.adaptive.best,
+                "time_lmbda_val": time.perf_counter() - start}
 
     def rollout(self, batch: dict[str, Any], on_policy: bool) -> Rollout:
         """Student samples (on-policy), teacher samples (``seq_kd``) or the dataset's references."""
