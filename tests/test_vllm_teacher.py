@@ -101,7 +101,8 @@ def test_vllm_refusals_are_one_line(tokenizer, teacher):
         srv.stop()
 
 
-def test_a_vllm_server_that_comes_back_as_another_model_stops_the_run(tokenizer, tmp_path, teacher):
+@pytest.mark.parametrize("change", ["model", "tokenizer"])
+def test_a_vllm_server_that_comes_back_as_another_model_stops_the_run(tokenizer, tmp_path, teacher, change):
     import threading
 
     from test_served_teacher import _swapping_trainer
@@ -109,12 +110,19 @@ def test_a_vllm_server_that_comes_back_as_another_model_stops_the_run(tokenizer,
     from gkd.errors import TeacherChangedError
 
     srv = _serve(create_fake_vllm_app(copy.deepcopy(teacher), tokenizer, name="teacher-a"))
+    if change == "model":
+        replacement, words = create_fake_vllm_app(copy.deepcopy(teacher), tokenizer, name="teacher-b"), \
+            "model teacher-a → teacher-b"
+    else:  # the same model name, a tokenizer that splits the probe text differently
+        other = copy.deepcopy(tokenizer)
+        other.add_tokens(["The"])
+        replacement, words = create_fake_vllm_app(copy.deepcopy(teacher), other, name="teacher-a"), \
+            "the tokenizer probe tokenizes differently"
     swapped = threading.Event()
     try:
-        with pytest.raises(TeacherChangedError, match="model teacher-a → teacher-b"):
-            _train(tokenizer, tmp_path, "swap", None,
-                   _swapping_trainer(srv, create_fake_vllm_app(copy.deepcopy(teacher), tokenizer, name="teacher-b"),
-                                     swapped), teacher=srv.url, lmbda=1.0, log_samples_steps=0)
+        with pytest.raises(TeacherChangedError, match=words):
+            _train(tokenizer, tmp_path, "swap", None, _swapping_trainer(srv, replacement, swapped), teacher=srv.url,
+                   lmbda=1.0, log_samples_steps=0)
     finally:
         srv.stop()
     assert swapped.is_set()
