@@ -63,7 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-#: ``gkd eval`` flag → :func:`gkd.evaluate.run_eval` keyword, for flags a run's config.yaml may also supply.
+#: ``gkd eval`` flag → :func:`gkd.eval_command.run_eval` keyword, for flags a run's config.yaml may also supply.
 _EVAL_FROM_CONFIG = {"teacher": "teacher", "dataset": "dataset", "dataset_format": "dataset_format",
                      "dataset_split": "dataset_split", "validation_size": "validation_size", "split_seed": "split_seed",
                      "max_response_length": "max_response_length", "num_train_examples": "num_train_examples",
@@ -76,7 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gkd.errors import InputError
-    from gkd.evaluate import format_table, read_run_config, rescore_generations, run_eval, write_report
+    from gkd.eval_command import format_table, read_run_config, rescore_generations, run_eval, write_report
 
     if args.rescore:
         if not (args.benchmark and args.benchmark_data):
@@ -143,7 +143,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _verifiable_table(report: dict) -> list[str]:
-    from gkd.evaluate import _verifiable_lines
+    from gkd.eval_command import _verifiable_lines
 
     lines = _verifiable_lines(report)
     lines.append("")

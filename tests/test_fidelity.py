@@ -30,7 +30,7 @@ def test_reverse_kl_and_sampled_token_against_float64_loops():
     got_tok = sampled_token_reverse_kl(s, ids, torch.log_softmax(t.double(), -1)[torch.arange(5), ids])
     for i in range(5):
         q, p = _softmax64(s[i].tolist()), _softmax64(t[i].tolist())
-        assert float(got[i]) == pytest.approx(sum(qv * (math.log(qv) - math.log(pv)) for qv, pv in zip(q, p)), rel=1e-5)
+        assert float(got[i]) == pytest.approx(sum(qv * (math.log(qv) - math.log(pv)) for qv, pv in zip(q, p, strict=True)), rel=1e-5)
         assert float(got_tok[i]) == pytest.approx(math.log(q[ids[i]]) - math.log(p[ids[i]]), rel=1e-5, abs=1e-6)
 
 
@@ -118,7 +118,7 @@ def test_logged_on_policy_metrics_equal_a_float64_recomputation(tokenizer, tmp_p
                 t = teacher64(full).logits[0, span, :len(tokenizer)]
             for pos, y in enumerate(completion):
                 q, p = _softmax64(s[pos].tolist()), _softmax64(t[pos].tolist())
-                rkl += sum(qv * (math.log(qv) - math.log(pv)) for qv, pv in zip(q, p))
+                rkl += sum(qv * (math.log(qv) - math.log(pv)) for qv, pv in zip(q, p, strict=True))
                 tok += math.log(q[y]) - math.log(p[y])
                 top_t = sorted(range(len(p)), key=lambda v: -p[v])[:4]
                 top_s = set(sorted(range(len(q)), key=lambda v: -q[v])[:4])
