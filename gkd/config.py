@@ -69,7 +69,7 @@ class GKDConfig:
     teacher_quantization: str = _f("none", "Load the teacher in 8bit or 4bit through bitsandbytes (needs a GPU and `pip install bitsandbytes`): none | 8bit | 4bit.")
     teacher_dtype: str = _f("auto", "Teacher weights dtype: auto | float32 | bfloat16 | float16.")
     teacher_cache: str = _f("", "Folder of the teacher's scores of the dataset's reference completions, written once by `gkd cache-teacher RECIPE`; off-policy steps on references read it instead of running the teacher (needs teacher_topk; a cache written for another teacher, tokenizer, k, temperature, length limits or data is refused). Empty: none.")
-    teacher_timeout: float = _f(600.0, "teacher: http://…: seconds a scoring request may take, retries included (a lost connection or a restarting server is retried with backoff meanwhile); then the run stops with the reason.")
+    teacher_timeout: float = _f(600.0, "teacher: http://…: seconds a scoring request may take, retries included (a lost connection or a restarting server is retried with backoff meanwhile); then the run stops with the reason (exit 69; a server that comes back as another teacher: exit 76, docs/troubleshooting.md).")
     teacher_api_key_env: str = _f("GKD_TEACHER_API_KEY", "teacher: http://…: environment variable holding the server's bearer token (unset: none sent).")
     student_dtype: str = _f("float32", "Student weights dtype: float32 | bfloat16 | float16 (use mixed_precision for AMP).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the model folders.")
