@@ -30,13 +30,13 @@ from gkd.data import PromptDataset, collate
 from gkd.errors import InputError
 from gkd.losses import forward_kl, log_probs, masked_sum_and_count, reverse_kl
 from gkd.rewards import RewardFn, RewardFunctions
-from gkd.rollout import SamplingParams, sample
+from gkd.rollout import Rollout, SamplingParams, sample
 from gkd.scorer import completion_logits
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DECODINGS", "EvalResult", "eval_shard", "evaluate", "evaluate_in_training", "exact_match",
-           "greedy_completions", "model_completions", "rouge_l", "sequence_stats", "teacher_forced_kl"]
+           "greedy_completions", "kl_sums", "model_completions", "rouge_l", "sequence_stats", "teacher_forced_kl"]
 
 #: Decoding modes: ``greedy`` (argmax) or ``sample`` (temperature / top-p / top-k, seeded).
 DECODINGS = ("greedy", "sample")
@@ -190,10 +190,8 @@ def evaluate(
         completions.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
         tokens += float(rollout.completion_mask.sum())
         if teacher is not None:
-            s = log_probs(completion_logits(model, rollout, vocab))
-            t = log_probs(completion_logits(teacher, rollout, vocab))
-            fkl_sum += float(masked_sum_and_count(forward_kl(s, t), rollout.completion_mask)[0])
-            rkl_sum += float(masked_sum_and_count(reverse_kl(s, t), rollout.completion_mask)[0])
+            f, r = kl_sums(model, teacher, rollout, vocab)
+            fkl_sum, rkl_sum = fkl_sum + f, rkl_sum + r
     if was_training:
         model.train()
 
@@ -261,6 +259,30 @@ def _score_verifiable(rows: Sequence[Mapping[str, Any]], completions: Sequence[s
     return ver.score_rows(rows, completions).summary()
 
 
+#: Most logits (rows × positions × vocabulary) :func:`kl_sums` holds per model at once (~256 MB in fp32).
+KL_CHUNK_ELEMENTS = 2**26
+
+
+@torch.no_grad()
+def kl_sums(model: torch.nn.Module, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int,
+            max_elements: int = KL_CHUNK_ELEMENTS) -> tuple[float, float]:
+    """Sums over the completion tokens of ``KL(teacher‖model)`` and ``KL(model‖teacher)``, a few rows at a
+    time so that full-vocabulary logits stay bounded (32 rows × 512 tokens × 49,152 tokens would be 3.2 GB
+    per tensor, and an evaluation with a teacher ran out of 24 GB)."""
+    n, length = rollout.completion_ids.shape
+    rows = max(1, max_elements // max(length * vocab_size, 1))
+    fkl = rkl = 0.0
+    for i in range(0, n, rows):
+        part = Rollout(rollout.prompt_ids[i:i + rows], rollout.prompt_mask[i:i + rows],
+                       rollout.completion_ids[i:i + rows], rollout.completion_mask[i:i + rows])
+        s = log_probs(completion_logits(model, part, vocab_size))
+        t = log_probs(completion_logits(teacher, part, vocab_size))
+        fkl += float(masked_sum_and_count(forward_kl(s, t), part.completion_mask)[0])
+        rkl += float(masked_sum_and_count(reverse_kl(s, t), part.completion_mask)[0])
+        del s, t
+    return fkl, rkl
+
+
 def greedy_completions(model: torch.nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int,
                        max_prompt_length: int, batch_size: int) -> list[str]:
     """``model``'s greedy answer to each row's prompt (the reference of prompt-only rows in ``gkd eval``)."""
@@ -305,10 +327,8 @@ def teacher_forced_kl(model: torch.nn.Module, teacher: torch.nn.Module, tokenize
     for start in range(0, len(rows), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(rows)))], tokenizer.pad_token_id)
         rollout = reference_rollout(batch).to(device)
-        s = log_probs(completion_logits(model, rollout, len(tokenizer)))
-        t = log_probs(completion_logits(teacher, rollout, len(tokenizer)))
-        fkl += float(masked_sum_and_count(forward_kl(s, t), rollout.completion_mask)[0])
-        rkl += float(masked_sum_and_count(reverse_kl(s, t), rollout.completion_mask)[0])
+        f, r = kl_sums(model, teacher, rollout, len(tokenizer))
+        fkl, rkl = fkl + f, rkl + r
         tokens += float(rollout.completion_mask.sum())
     return fkl / max(tokens, 1.0), rkl / max(tokens, 1.0)
 

@@ -236,3 +236,20 @@ def test_a_degenerate_student_scores_badly_where_it_cannot_game_the_metric(token
     fkl_same, rkl_same = teacher_forced_kl(teacher, teacher, tokenizer, answered, **kw)
     assert fkl_same == pytest.approx(0.0, abs=1e-6) and rkl_same == pytest.approx(0.0, abs=1e-6)
     assert fkl_bad > 1.0 and rkl_bad > 1.0
+
+
+def test_kl_sums_in_row_chunks_equal_the_whole_batch(ttok):
+    """The held-out KLs are formed a few rows at a time (bounded memory: a 512-token evaluation with a
+    teacher ran out of 24 GB); chunks of one row give the whole batch's sums."""
+    from gkd.evaluate import kl_sums
+    from gkd.rollout import SamplingParams, sample
+
+    model, teacher = text_model(ttok, seed=0), text_model(ttok, seed=1)
+    enc = ttok(["ab", "hello there", "x"], padding=True, return_tensors="pt")
+    rollout = sample(model, enc.input_ids, enc.attention_mask.bool(), SamplingParams(max_new_tokens=7, do_sample=True),
+                     eos_token_id=ttok.eos_token_id, pad_token_id=ttok.pad_token_id, vocab_size=len(ttok),
+                     generator=torch.Generator().manual_seed(0))
+    whole = kl_sums(model, teacher, rollout, len(ttok), max_elements=10**9)
+    per_row = kl_sums(model, teacher, rollout, len(ttok), max_elements=1)
+    assert whole[0] > 0 and whole[1] > 0
+    assert per_row == pytest.approx(whole, rel=1e-5)
