@@ -265,7 +265,7 @@ def run_eval(
     return report
 
 
-def rescore_generations(generations: str | Path, benchmark: str, benchmark_data: str, tokenizer=None) -> dict[str, Any]:
+def rescore_generations(generations: str | Path, benchmark: str, benchmark_data: str) -> dict[str, Any]:
     """Score a generations file written by ``gkd eval`` (``--generations``) again, without any model:
     IFEval's checkers on every (model, decoding) group's completions against ``benchmark_data``'s rows,
     matched by row index (and ``key`` where present), plus the no-EOS share and mean length. For a run
