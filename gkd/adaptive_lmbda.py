@@ -98,10 +98,12 @@ def validation_rollouts(rows: list[dict[str, Any]], tokenizer: Any, teacher: Any
     from gkd import distributed
     from gkd.data import PromptDataset, collate, reference_rollout
     from gkd.rollout import SamplingParams, sample
+    from gkd.teachers import TeacherRouter
 
     data = PromptDataset(rows, tokenizer, max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens)
     with_refs = all(row.get("completion") is not None for row in rows)
-    if not with_refs and not isinstance(teacher, torch.nn.Module):
+    routed = isinstance(teacher, TeacherRouter) and not teacher.has_remote  # teachers: each row's writes it
+    if not with_refs and not (isinstance(teacher, torch.nn.Module) or routed):
         from gkd.errors import InputError
 
         raise InputError("lmbda_schedule=adaptive: the held-out rows have no reference completions and a served "
@@ -112,11 +114,16 @@ def validation_rollouts(rows: list[dict[str, Any]], tokenizer: Any, teacher: Any
         if with_refs:
             out.append(reference_rollout(batch).to(device))
             continue
-        with distributed.gathered_for_generation([teacher] if gather_for_generation else []):
-            rollout = sample(teacher, batch["prompt_ids"].to(device), batch["prompt_mask"].to(device),
-                             SamplingParams(max_new_tokens, do_sample=False), eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                             all_ranks_done=distributed.all_ranks_done if distributed.is_distributed() else None)
+
+        def greedy(model: torch.nn.Module, part: dict[str, Any]) -> Any:
+            with distributed.gathered_for_generation([model] if gather_for_generation else []):
+                return sample(model, part["prompt_ids"].to(device), part["prompt_mask"].to(device),
+                              SamplingParams(max_new_tokens, do_sample=False), eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                              all_ranks_done=distributed.all_ranks_done if distributed.is_distributed() else None)
+
+        rollout = teacher.sample(batch, greedy, tokenizer.pad_token_id) if routed else greedy(teacher, batch)
+        rollout.rows = batch["rows"]
         rollout.on_policy = False
         out.append(rollout)
     return out

@@ -100,7 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
     if config is not None:
         if not Path(config).is_file():
             raise FileNotFoundError(f"config file {config!r} not found")
-        from_config = read_run_config(config)
+        from_config = read_run_config(config, teacher_given=args.teacher is not None)
         kwargs.update({_EVAL_FROM_CONFIG[k]: v for k, v in from_config.items()})
         if args.benchmark:  # a benchmark brings its own rows and length; the run's teacher and sampling still apply
             for k in ("dataset", "dataset_format", "dataset_split", "validation_size", "split_seed",

@@ -66,6 +66,9 @@ class GKDConfig:
     validation_size: float = _f(0.0, "Hold out part of a dataset file as the validation split: a share in (0, 1) or a whole number of rows (0: train on all). Training uses the rest; `gkd eval --split validation` evaluates on it. builtin:addition always holds out its own 512 problems.")
     split_seed: int = _f(0, "Seed of the train/validation split (separate from seed, so runs with different seeds share one validation set).")
     max_response_length: int = _f(0, "Length filter: drop rows whose reference response is longer than this many tokens (0: keep all; longer references are cut at max_new_tokens). Prompts over max_prompt_length are dropped with long_prompts=skip. Counts are logged.")
+    teachers: dict[str, Any] | None = _f(None, "Several teachers in one run: {name: model, ...}, each model anything teacher: takes (hub id, folder, .gguf file, builtin:…, http://… for gkd serve-teacher / vLLM), or a mapping {model: ..., gguf_file, dtype, quantization, api_key_env, timeout} where a teacher's loading settings differ from the teacher_* fields. Each row goes to the teacher its teacher_column names (rows without it: default_teacher), in scoring, SeqKD samples, MiniLLM's teacher-mixed sampling, SKD, the LM loss's KD share, samples.jsonl and eval_steps KLs; a micro-batch is split by teacher, one forward per teacher. Local teachers are loaded once each (memory: the sum of them; serve the ones that do not fit with gkd serve-teacher). With teacher: as well, that model joins as the teacher named 'default'. Logged per teacher: loss/<name>, rows/<name>. teacher_topk, loss_temperature apply to all; not with teacher_cache or hidden / attention objectives (docs/concepts.md, Several teachers). Empty (null): one teacher, teacher:.")
+    teacher_column: str = _f("teacher", "teachers: the row column naming a row's teacher (a key of teachers); a row without it, or with it empty, goes to default_teacher; an unknown name stops the run naming the row.")
+    default_teacher: str = _f("", "teachers: the teacher of rows without teacher_column. Empty: 'default' (teacher:) when teacher: is given beside teachers:, else the first of teachers.")
     teacher_quantization: str = _f("none", "Load the teacher in 8bit or 4bit through bitsandbytes (needs a GPU and `pip install bitsandbytes`): none | 8bit | 4bit.")
     teacher_dtype: str = _f("auto", "Teacher weights dtype: auto | float32 | bfloat16 | float16.")
     teacher_cache: str = _f("", "Folder of the teacher's scores of the dataset's reference completions, written once by `gkd cache-teacher RECIPE`; off-policy steps on references read it instead of running the teacher (needs teacher_topk; a cache written for another teacher, tokenizer, k, temperature, length limits or data is refused). Empty: none.")
@@ -318,6 +321,7 @@ class GKDConfig:
         if self.algorithm == "minillm" and self.is_pure_sft:
             raise ConfigError("algorithm=minillm needs a teacher")
         self._check_served_teacher()
+        self._check_teachers()
         if self.teacher_cache:
             if not self.teacher_topk:
                 raise ConfigError(f"teacher_cache={self.teacher_cache!r} stores the teacher's top-k: set teacher_topk "
@@ -328,7 +332,7 @@ class GKDConfig:
             if any(o.name in SAMPLED_OBJECTIVES for o in objectives):
                 raise ConfigError("teacher_cache holds the teacher's top-k, not each token's log-prob that "
                                   "sampled_reverse_kl needs; drop teacher_cache")
-        if not self.teacher and not self.is_pure_sft:
+        if not self.teacher and not self.teachers and not self.is_pure_sft:
             raise ConfigError(
                 "teacher is required (only pure SFT, i.e. divergence=kd with kd_weight=0 and lmbda=0, runs without one)"
             )
@@ -351,11 +355,49 @@ class GKDConfig:
         """``student_init``'s ``from`` (teacher | student | a path), or ``None`` without student_init."""
         return str(self.student_init.get("from", "teacher")) if self.student_init else None
 
-    def _check_served_teacher(self) -> None:
-        """``teacher: http://…`` (``gkd serve-teacher``) scores token ids; what needs more is refused here."""
-        if not (isinstance(self.teacher, str) and self.teacher.startswith(("http://", "https://"))):
+    def _check_teachers(self) -> None:
+        """``teachers:``: each entry well formed, a known default, served entries checked like ``teacher:``,
+        and what routing cannot do yet refused by name."""
+        from gkd.teachers import default_teacher_name, teacher_specs
+
+        if self.teachers is None:
+            if self.default_teacher:
+                raise ConfigError(f"default_teacher={self.default_teacher!r} needs teachers: (a mapping name → model)")
             return
-        served = f"teacher={self.teacher} (a served teacher)"
+        specs = teacher_specs(self)
+        default_teacher_name(self, list(specs))
+        if not self.teacher_column:
+            raise ConfigError("teacher_column is empty: name the row column that names a row's teacher (default teacher)")
+        for spec in specs.values():
+            if spec.served and spec.name != "default":
+                self._check_served_teacher(spec.model, f"teachers: {spec.name!r} ({spec.model}, a served teacher)",
+                                           spec.quantization, spec.gguf_file, float(spec.timeout), from_teacher=False)
+        from gkd.objectives import parse_objectives
+
+        objectives = parse_objectives(self.objectives) or parse_objectives([self.divergence])
+        unsupported = [
+            (bool(self.teacher_cache), f"teacher_cache={self.teacher_cache!r} (a cache holds one teacher's scores; "
+                                       "gkd cache-teacher has no per-teacher fingerprints yet): drop teacher_cache"),
+            (any(o.uses_hidden or o.uses_attention for o in objectives),
+             "hidden-state / attention objectives (each teacher would need its own projection / layer map): use "
+             "logit objectives"),
+        ]
+        for bad, why in unsupported:
+            if bad:
+                raise ConfigError(f"teachers: not supported with {why}")
+
+    def _check_served_teacher(self, url: str | None = None, served: str | None = None, quantization: str | None = None,
+                              gguf_file: str | None = None, timeout: float | None = None,
+                              from_teacher: bool = True) -> None:
+        """``teacher: http://…`` (``gkd serve-teacher``) scores token ids; what needs more is refused here.
+        The same checks for a served entry of ``teachers:`` (``url``, ``served``: how messages name it)."""
+        url = self.teacher if url is None else url
+        if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+            return
+        served = served or f"teacher={url} (a served teacher)"
+        quantization = self.teacher_quantization if quantization is None else quantization
+        gguf_file = self.teacher_gguf_file if gguf_file is None else gguf_file
+        timeout = self.teacher_timeout if timeout is None else timeout
         from gkd.objectives import parse_objectives
 
         objectives = parse_objectives(self.objectives) or parse_objectives([self.divergence])
@@ -377,14 +419,15 @@ class GKDConfig:
         if self.lm_coef > 0 and self.lm_kd_weight > 0:
             raise ConfigError(f"{served}: lm_kd_weight needs the teacher's full distribution on lm_dataset; set "
                               "lm_kd_weight: 0 or use a local teacher")
-        if self.student_source_name == "teacher":
+        if from_teacher and self.student_source_name == "teacher":
             raise ConfigError(f"{served}: student_init cannot take layers from a model behind a URL; point "
                               "student_init's from: at a local copy")
-        if self.teacher_quantization != "none" or self.teacher_gguf_file:
+        if quantization != "none" or gguf_file:
             raise ConfigError(f"{served}: teacher_quantization / teacher_gguf_file apply to the server's model "
                               "(give them to gkd serve-teacher)")
-        if self.teacher_timeout <= 0:
-            raise ConfigError(f"teacher_timeout={self.teacher_timeout} must be > 0")
+        if timeout <= 0:
+            raise ConfigError(f"teacher_timeout={timeout} must be > 0" if from_teacher else
+                              f"{served}: timeout={timeout} must be > 0")
 
     def _check_student_init(self) -> None:
         init = self.student_init
@@ -403,7 +446,8 @@ class GKDConfig:
                                      and keep == sorted(set(keep))):
             raise ConfigError(f"student_init keep_layers={keep!r} must be a non-empty increasing list of layer indices >= 0")
         if self.student_source_name == "teacher" and not self.teacher:
-            raise ConfigError("student_init from: teacher needs a teacher")
+            raise ConfigError("student_init from: teacher needs a teacher" + (
+                " (teacher:; with teachers:, point from: at one of their folders)" if self.teachers else ""))
         if self.student_source_name == "student" and not self.student:
             raise ConfigError("student_init from: student needs student (the model to take layers from)")
 

@@ -442,6 +442,7 @@ def reference_rollout(batch: dict[str, Any]) -> Rollout:
         completion_mask=batch["reference_mask"],
         on_policy=False,
         is_reference=True,
+        rows=batch.get("rows"),
     )
 
 

@@ -40,8 +40,10 @@ def _load_model_and_tokenizer(name: str, role: str, dtype: str = "float32"):
     return model, tokenizer
 
 
-def read_run_config(path: str | Path) -> dict[str, Any]:
-    """The data / sampling fields of a training run's ``config.yaml`` (or any recipe)."""
+def read_run_config(path: str | Path, teacher_given: bool = False) -> dict[str, Any]:
+    """The data / sampling fields of a training run's ``config.yaml`` (or any recipe). A run with several
+    teachers (``teachers:``) needs the teacher to compare with named (``teacher_given``): per-teacher KLs
+    are not computed by ``gkd eval`` yet."""
     import yaml
 
     try:
@@ -50,6 +52,10 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
         raise InputError(f"cannot read config {str(path)!r}: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise InputError(f"config {str(path)!r} must be a mapping of key: value")
+    if values.get("teachers") and not teacher_given:
+        names = ", ".join(map(str, values["teachers"])) if isinstance(values["teachers"], dict) else values["teachers"]
+        raise InputError(f"config {str(path)!r} has several teachers (teachers: {names}); gkd eval has no per-teacher "
+                         "KLs yet: pass --teacher MODEL (the one to compare with) or --teacher none")
     return {k: values[k] for k in CONFIG_KEYS if k in values}
 
 

@@ -32,6 +32,7 @@ from gkd.losses import forward_kl, log_probs, masked_sum_and_count, reverse_kl
 from gkd.rewards import RewardFn, RewardFunctions
 from gkd.rollout import Rollout, SamplingParams, sample
 from gkd.scorer import completion_logits
+from gkd.teachers import TeacherRouter
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def evaluate(
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab,
             generator=generator, all_ranks_done=all_ranks_done,
         )
+        rollout.rows = batch["rows"]  # several teachers: each row's KLs against its own
         ids = [rollout.completion_ids[i][rollout.completion_mask[i]].tolist() for i in range(len(batch["rows"]))]
         completion_ids.extend(ids)
         completions.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
@@ -268,15 +270,18 @@ def kl_sums(model: torch.nn.Module, teacher: torch.nn.Module, rollout: Rollout, 
             max_elements: int = KL_CHUNK_ELEMENTS) -> tuple[float, float]:
     """Sums over the completion tokens of ``KL(teacher‖model)`` and ``KL(model‖teacher)``, a few rows at a
     time so that full-vocabulary logits stay bounded (32 rows × 512 tokens × 49,152 tokens would be 3.2 GB
-    per tensor, and an evaluation with a teacher ran out of 24 GB)."""
+    per tensor, and an evaluation with a teacher ran out of 24 GB). A :class:`gkd.teachers.TeacherRouter`
+    scores each row (``rollout.rows``) with its own teacher."""
     n, length = rollout.completion_ids.shape
     rows = max(1, max_elements // max(length * vocab_size, 1))
     fkl = rkl = 0.0
     for i in range(0, n, rows):
         part = Rollout(rollout.prompt_ids[i:i + rows], rollout.prompt_mask[i:i + rows],
-                       rollout.completion_ids[i:i + rows], rollout.completion_mask[i:i + rows])
+                       rollout.completion_ids[i:i + rows], rollout.completion_mask[i:i + rows],
+                       rows=rollout.rows[i:i + rows] if rollout.rows is not None else None)
         s = log_probs(completion_logits(model, part, vocab_size))
-        t = log_probs(completion_logits(teacher, part, vocab_size))
+        t = log_probs(teacher.logits(part, vocab_size) if isinstance(teacher, TeacherRouter) else  # teachers: each row's
+                      completion_logits(teacher, part, vocab_size))
         fkl += float(masked_sum_and_count(forward_kl(s, t), part.completion_mask)[0])
         rkl += float(masked_sum_and_count(reverse_kl(s, t), part.completion_mask)[0])
         del s, t

@@ -321,7 +321,7 @@ def load_models(cfg: GKDConfig, acc: Accelerator, student: torch.nn.Module | Non
     Checks that teacher and student share the tokenizer and that both heads cover it, wraps the
     student in LoRA adapters (``lora_r > 0``) and checks the LM head where ``fused_lm_head`` /
     ``teacher_topk`` multiply by it themselves. The teacher is ``None`` for pure SFT."""
-    need_teacher = teacher is None and not cfg.is_pure_sft
+    need_teacher = teacher is None and not cfg.is_pure_sft and cfg.teachers is None  # teachers: gkd.teachers
     if need_teacher and is_remote_teacher(cfg.teacher):  # gkd serve-teacher: connected below, nothing to load
         teacher, need_teacher = RemoteTeacher.from_config(cfg.teacher, cfg.teacher_api_key_env,  # type: ignore[arg-type]
                                                           cfg.teacher_timeout), False

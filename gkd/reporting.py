@@ -85,9 +85,14 @@ class Reporter:
     def log_samples(self, step: int, rollout: Rollout, tokenizer: Any, teacher: torch.nn.Module | None,
                     n: int = 2) -> None:
         """A few completions of the current step (``source``: the student's own samples, the dataset's
-        references or the teacher's samples, by the kind of step) with the teacher's mean token log-prob."""
+        references or the teacher's samples, by the kind of step) with the teacher's mean token log-prob;
+        under ``teachers:`` the row's teacher (``teacher``: its name) scores it."""
         # every process scores (under ZeRO-3 a teacher forward is a collective); the main one writes
         scored = score(teacher, rollout, len(tokenizer)) if teacher is not None else None
+        from gkd.teachers import TeacherRouter
+
+        names = teacher.row_names(rollout.rows, rollout.completion_ids.shape[0]) if isinstance(
+            teacher, TeacherRouter) else None
         teacher_logits = scored.teacher_logits if scored is not None else None
         served = scored.token_logprobs if scored is not None else None  # a served teacher's log p(y_t)
         if not self.acc.is_main_process:
@@ -102,6 +107,8 @@ class Reporter:
                     "prompt": tokenizer.decode(rollout.prompt_ids[i][rollout.prompt_mask[i]]),
                     "completion": tokenizer.decode(ids),
                 }
+                if names is not None:  # teachers: whose row this is (its teacher log-prob is that teacher's)
+                    record["teacher"] = names[i]
                 if teacher_logits is not None or served is not None:
                     logp = (served[i][mask] if served is not None else
                             token_logprobs(teacher_logits[i : i + 1], rollout.completion_ids[i : i + 1])[0][mask])  # type: ignore[index]
@@ -139,6 +146,12 @@ def write_model_card(path: Path, cfg: GKDConfig, history: list[dict[str, float]]
     keep = ("loss", "divergence", "pg", "single_step", "reward", "completion_len_mean", "skipped_total")
     metrics = "\n".join(f"| {k} | {last[k]:.6g} |" for k in keep if k in last)
     student = f"`{cfg.student}`"
+    teacher = f"`{cfg.teacher}`"
+    if cfg.teachers:  # several teachers, rows routed by their teacher column
+        from gkd.teachers import teacher_specs
+
+        teacher = ", ".join(f"{n}: `{s.model}`" for n, s in teacher_specs(cfg).items()) + (
+            f" (rows routed by their `{cfg.teacher_column}` column)")
     marker = path.parent / "student-init" / "GKD_COMPLETE"
     if cfg.student_init and marker.is_file():
         made = json.loads(marker.read_text())
@@ -153,7 +166,7 @@ tags: [{tags}]
 # Student distilled with gkd
 
 - **Algorithm:** {algorithm}; {settings}
-- **Teacher:** `{cfg.teacher}`
+- **Teacher:** {teacher}
 - **Student initialisation:** {student} ({lora})
 - **Data:** `{cfg.dataset}`; max_new_tokens={cfg.max_new_tokens}
 - **Training:** {len(history)} logged optimizer steps of this run (max_steps={cfg.max_steps}),

@@ -69,7 +69,19 @@ class RolloutSampler:
 
     def sample(self, batch: dict[str, Any], model: torch.nn.Module, **kw: Any) -> Rollout:
         """Completions of ``model`` (``teacher=``, ``teacher_mix=``… for MiniLLM's mixed sampling;
-        ``teacher=``, ``skd_top_k=``, ``draft_tokens=`` for speculative KD, :mod:`gkd.rollout_skd`)."""
+        ``teacher=``, ``skd_top_k=``, ``draft_tokens=`` for speculative KD, :mod:`gkd.rollout_skd`).
+        Several teachers (:class:`gkd.teachers.TeacherRouter`, as ``model`` for SeqKD or as ``teacher=``):
+        each teacher samples with / for its own rows, merged back into batch order."""
+        from gkd.teachers import TeacherRouter
+
+        router = model if isinstance(model, TeacherRouter) else kw.get("teacher")
+        if isinstance(router, TeacherRouter):
+            def one(teacher: Any, sub: dict[str, Any]) -> Rollout:
+                if model is router:
+                    return self.sample(sub, teacher, **kw)
+                return self.sample(sub, model, **{**kw, "teacher": teacher})
+
+            return router.sample(batch, one, self.tokenizer.pad_token_id)
         if self.vllm is not None and not kw and model is self.student:
             self.vllm.sync(model, self.version())  # no-op unless an optimizer step changed the weights
             return self.vllm.sample(batch["prompt_ids"], batch["prompt_mask"], self.generator)

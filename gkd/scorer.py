@@ -176,9 +176,16 @@ def score(
     A served teacher (:class:`gkd.serving.client.RemoteTeacher`) always answers with top-k (k = 1
     when ``topk`` is 0: only ``token_logprobs`` is wanted then) and the completion tokens' log-probs.
     A local teacher fills ``token_logprobs`` (log p(y_t), unprocessed: temperature 1) on request
-    (``with_token_logprobs``: the sampled-token objective), from the same logits / chunks."""
+    (``with_token_logprobs``: the sampled-token objective), from the same logits / chunks. Several teachers
+    (:class:`gkd.teachers.TeacherRouter`) score each row with the teacher its ``rollout.rows`` names."""
     if teacher is None:
         return ScoredRollout(rollout=rollout, teacher_logits=None)
+    from gkd.teachers import TeacherRouter
+
+    if isinstance(teacher, TeacherRouter):  # teachers: each row scored by its own teacher
+        return teacher.score(rollout, vocab_size, hidden_layers=hidden_layers, attention_layers=attention_layers,
+                             topk=topk, temperature=temperature, chunk_size=chunk_size,
+                             with_token_logprobs=with_token_logprobs)
     if isinstance(teacher, RemoteTeacher):
         if hidden_layers or attention_layers:
             raise InputError("a served teacher sends log-probs only; hidden-state / attention objectives need a "

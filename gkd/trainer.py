@@ -42,7 +42,7 @@ from gkd.checkpoint import (
 )
 from gkd.config import GKDConfig
 from gkd.data import BatchStream, config_rows, given_rows, make_loader, require_references
-from gkd.errors import PREEMPTED_EXIT_CODE, InputError, NonFiniteError, Preempted
+from gkd.errors import PREEMPTED_EXIT_CODE, ConfigError, InputError, NonFiniteError, Preempted
 from gkd.evaluate import eval_shard, evaluate_in_training
 from gkd.models import (
     build_accelerator,
@@ -57,6 +57,7 @@ from gkd.objectives import PROJECTION_ATTR, setup_objectives
 from gkd.reporting import Reporter, Timers, add_timing, truncate_metrics, write_model_card
 from gkd.rewards import RewardFunctions
 from gkd.sampling import RolloutSampler
+from gkd.teachers import TeacherRouter, load_router
 from gkd.update import Updater
 
 __all__ = ["PREEMPTED_EXIT_CODE", "GKDTrainer", "NonFiniteError", "Preempted", "build_accelerator", "disable_dropout",
@@ -69,7 +70,8 @@ class GKDTrainer:
     """On-policy distillation of ``student`` towards ``teacher`` (``config.algorithm``: gkd | minillm).
 
     Models, tokenizer and rows may be passed in (Python API, notebooks); otherwise they are
-    loaded from ``config.student`` / ``config.teacher`` / ``config.dataset``.
+    loaded from ``config.student`` / ``config.teacher`` / ``config.dataset``. Several teachers
+    (``config.teachers``) may be passed as ``teachers={name: model}``, with the same names.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class GKDTrainer:
         lm_rows: list[dict[str, Any]] | None = None,
         eval_rows: list[dict[str, Any]] | None = None,
         accelerator: Accelerator | None = None,
+        teachers: dict[str, torch.nn.Module] | None = None,
     ) -> None:
         self.config = cfg = config
         self.accelerator = acc = accelerator or build_accelerator(cfg)
@@ -95,18 +98,26 @@ class GKDTrainer:
             distributed.check_deepspeed_batch_sizes(acc.state.deepspeed_plugin.deepspeed_config,
                                                     cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
                                                     acc.num_processes)
+        if teachers is not None and cfg.teachers is None:
+            raise ConfigError("teachers= (several teacher models) needs config.teachers naming the same teachers")
         self.tokenizer, student, teacher = load_models(cfg, acc, student, teacher, tokenizer)
+        if cfg.teachers is not None:  # several teachers: rows routed to theirs (gkd/teachers.py)
+            teacher = load_router(cfg, acc, self.tokenizer, teachers)
         objectives = setup_objectives(cfg, student, teacher)
         finish_models(cfg, student, teacher)
         rewards = RewardFunctions.from_specs(cfg.reward_funcs, cfg.reward_weights or None)
 
         rows = self._rows(train_rows, cfg.dataset)
         algorithm_cls.check_rows(cfg, rows)
+        if isinstance(teacher, TeacherRouter):  # every row names a known teacher, before any step
+            logger.info("rows per teacher: %s", teacher.check_rows(rows))
         loader = make_loader(rows, self.tokenizer, cfg, cfg.seed)
         lm_loader = None
         if cfg.lm_coef > 0:
             lm = self._rows(lm_rows, cfg.lm_dataset)
             require_references(lm, f"lm_coef={cfg.lm_coef} trains on lm_dataset's text", "drop the row")
+            if isinstance(teacher, TeacherRouter):
+                teacher.check_rows(lm)
             lm_loader = make_loader(lm, self.tokenizer, cfg, cfg.seed + 1)
         optimizer = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad],
@@ -121,6 +132,8 @@ class GKDTrainer:
         acc.register_for_checkpointing(self.scheduler)
         # teacher: replicated (no DeepSpeed / ZeRO-2) or ZeRO-3-sharded for inference, never with optimizer state
         # a served teacher (teacher: http://…) is a client object and stays as it is
+        if isinstance(teacher, TeacherRouter):
+            teacher.map_models(lambda model: distributed.prepare_teacher(model, acc))
         self.teacher = distributed.prepare_teacher(teacher, acc) if isinstance(teacher, torch.nn.Module) else teacher
         if len(self.loader) == 0:
             raise InputError(
@@ -129,6 +142,8 @@ class GKDTrainer:
             )
         self.eval_rows = eval_shard(self._rows(eval_rows, cfg.dataset, "validation"), cfg.eval_prompts,
                                     acc.process_index, acc.num_processes, cfg.eval_steps) if cfg.eval_steps else []
+        if isinstance(teacher, TeacherRouter):
+            teacher.check_rows(self.eval_rows)
         self.output_dir = Path(cfg.output_dir)
         if acc.is_main_process:
             _check_writable(self.output_dir)
@@ -246,7 +261,8 @@ class GKDTrainer:
         cfg = self.config
         return evaluate_in_training(
             self.accelerator.unwrap_model(self.student), self.tokenizer, self.eval_rows,
-            teacher=self.teacher if isinstance(self.teacher, torch.nn.Module) else None,  # KLs need full logits
+            teacher=self.teacher if isinstance(self.teacher, torch.nn.Module) or (  # KLs need full logits
+                isinstance(self.teacher, TeacherRouter) and not self.teacher.has_remote) else None,
             dataset=cfg.dataset, max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length,
             gather_for_generation=cfg.zero3_gather_for_generation)
 

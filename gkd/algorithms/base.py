@@ -24,6 +24,7 @@ from gkd.rewards import RewardFunctions
 from gkd.rollout import Rollout
 from gkd.sampling import RolloutSampler
 from gkd.scorer import completion_logits, score
+from gkd.teachers import TeacherRouter
 from gkd.update import LossOutput, Updater
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ class RunParts:
     tokenizer: Any
     student: Any  # prepared by accelerate (DDP / DeepSpeed engine); ``unwrapped`` for sampling
     unwrapped: torch.nn.Module
-    teacher: torch.nn.Module | None  # frozen, eval mode; ZeRO-3-sharded under stage 3
+    teacher: Any  # nn.Module (frozen, eval mode; ZeRO-3-sharded under stage 3), a served teacher's client, a
+    # gkd.teachers.TeacherRouter (teachers: rows routed to their own teacher) or None (pure SFT)
     objectives: ObjectiveSetup
     sampler: RolloutSampler
     updater: Updater
@@ -135,10 +137,21 @@ class Algorithm(ABC):
         many ``lm_dataset`` batches)."""
         lm = self.parts.lm_batches
         lm_rollouts = [reference_rollout(next(lm)) for _ in rollouts] if lm is not None else None
+        router = self.parts.teacher if isinstance(self.parts.teacher, TeacherRouter) else None
+        loss_fn = self.loss
+        losses: dict[int, torch.Tensor] = {}
+        if router is not None:  # keep each micro-batch's per-token loss for loss/<teacher>
+            def loss_fn(rollout: Rollout) -> LossOutput:
+                out = self.loss(rollout)
+                losses[id(rollout)] = out.terms["loss"].detach()
+                return out
         # τ of this step, read before the step count advances
-        return self.parts.updater.optimize(rollouts, self.loss, lm_rollouts, self.lm_loss,
-                                           logged={"loss_temperature": self.loss_temperature},
-                                           term_weights=self.term_weights)
+        metrics = self.parts.updater.optimize(rollouts, loss_fn, lm_rollouts, self.lm_loss,
+                                              logged={"loss_temperature": self.loss_temperature},
+                                              term_weights=self.term_weights)
+        if router is not None:
+            metrics.update(router.step_metrics(rollouts, [losses.get(id(r)) for r in rollouts], self.config.reduction))
+        return metrics
 
     def lm_loss(self, rollout: Rollout) -> torch.Tensor:
         """Per-token loss on an LM-dataset batch (MiniLLM's language-modelling loss L_PT): cross-entropy,

@@ -47,6 +47,7 @@ from gkd.rewards import score_rollouts
 from gkd.rollout import Rollout
 from gkd.scorer import completion_logits, score
 from gkd.serving.client import RemoteTeacher
+from gkd.teachers import TeacherRouter
 from gkd.update import LossOutput
 
 __all__ = ["MiniLLM", "MiniLLMBuffer", "draft_metrics", "minillm_advantages"]
@@ -206,13 +207,15 @@ class MiniLLM(Algorithm):
         top-k / top-p (a student forward, only when those are set)."""
         cfg, parts = self.config, self.parts
         mask = rollout.completion_mask
-        if isinstance(parts.teacher, RemoteTeacher):
+        router = parts.teacher if isinstance(parts.teacher, TeacherRouter) else None
+        if isinstance(parts.teacher, RemoteTeacher) or (router is not None and router.has_remote):
             tau = self.loss_temperature
             scored = score(parts.teacher, rollout, parts.vocab_size, topk=cfg.teacher_topk, temperature=tau)
             teacher_logprobs = scored.token_logprobs
             rollout.teacher_cache = (tau, scored.teacher_logits)
-        else:
-            logits = completion_logits(parts.teacher, rollout, parts.vocab_size)  # type: ignore[arg-type]
+        else:  # each row's own teacher under teachers:
+            logits = (router.logits(rollout, parts.vocab_size) if router is not None else
+                      completion_logits(parts.teacher, rollout, parts.vocab_size))
             teacher_logprobs = token_logprobs(logits, rollout.completion_ids)
             del logits
         rollout.teacher_logprobs = teacher_logprobs * mask  # type: ignore[operator]
