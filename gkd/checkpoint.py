@@ -207,7 +207,7 @@ def claim_output_dir(output_dir: Path, resume: str | None, overwrite: bool, is_m
 #: Fields a resumed run cannot change: they decide the models, the data order, the algorithm's state
 #: or the batch shape that the checkpoint's weights, optimizer state and data position belong to.
 FROZEN_ON_RESUME = (
-    "teacher", "student", "teacher_gguf_file", "student_gguf_file", "student_init", "teacher_dtype", "student_dtype",
+    "teacher", "teachers", "teacher_column", "default_teacher", "student", "teacher_gguf_file", "student_gguf_file", "student_init", "teacher_dtype", "student_dtype",
     "teacher_quantization", "trust_remote_code", "lora_r", "lora_alpha", "lora_target_modules", "objectives",
     "layer_map", "dataset", "dataset_split", "dataset_format", "num_train_examples", "max_digits",
     "max_prompt_length", "long_prompts", "validation_size", "split_seed", "max_response_length", "lm_dataset",

@@ -20,6 +20,7 @@ import yaml
 from gkd.errors import ConfigError, InputError
 from gkd.losses import LOGIT_OBJECTIVES, REDUCTIONS
 from gkd.sampled_token import SAMPLED_OBJECTIVES
+from gkd.teacher_specs import check_teachers
 
 __all__ = ["ALGORITHM_NAMES", "MINILLM_PRESETS", "ConfigError", "GKDConfig", "InputError", "apply_overrides", "load_config"]
 
@@ -356,35 +357,11 @@ class GKDConfig:
         return str(self.student_init.get("from", "teacher")) if self.student_init else None
 
     def _check_teachers(self) -> None:
-        """``teachers:``: each entry well formed, a known default, served entries checked like ``teacher:``,
-        and what routing cannot do yet refused by name."""
-        from gkd.teachers import default_teacher_name, teacher_specs
-
-        if self.teachers is None:
-            if self.default_teacher:
-                raise ConfigError(f"default_teacher={self.default_teacher!r} needs teachers: (a mapping name → model)")
-            return
-        specs = teacher_specs(self)
-        default_teacher_name(self, list(specs))
-        if not self.teacher_column:
-            raise ConfigError("teacher_column is empty: name the row column that names a row's teacher (default teacher)")
-        for spec in specs.values():
-            if spec.served and spec.name != "default":
-                self._check_served_teacher(spec.model, f"teachers: {spec.name!r} ({spec.model}, a served teacher)",
-                                           spec.quantization, spec.gguf_file, float(spec.timeout), from_teacher=False)
+        """``teachers:`` (gkd/teacher_specs.py)."""
         from gkd.objectives import parse_objectives
 
         objectives = parse_objectives(self.objectives) or parse_objectives([self.divergence])
-        unsupported = [
-            (bool(self.teacher_cache), f"teacher_cache={self.teacher_cache!r} (a cache holds one teacher's scores; "
-                                       "gkd cache-teacher has no per-teacher fingerprints yet): drop teacher_cache"),
-            (any(o.uses_hidden or o.uses_attention for o in objectives),
-             "hidden-state / attention objectives (each teacher would need its own projection / layer map): use "
-             "logit objectives"),
-        ]
-        for bad, why in unsupported:
-            if bad:
-                raise ConfigError(f"teachers: not supported with {why}")
+        check_teachers(self, structural=any(o.uses_hidden or o.uses_attention for o in objectives))
 
     def _check_served_teacher(self, url: str | None = None, served: str | None = None, quantization: str | None = None,
                               gguf_file: str | None = None, timeout: float | None = None,

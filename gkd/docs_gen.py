@@ -17,6 +17,18 @@ A recipe is a YAML mapping of these fields; any field can also be given on the c
 that name the closest valid key. This page is generated from `gkd/config.py`
 (`python -m gkd.docs_gen > docs/recipes.md`); `gkd train --help-config` prints the same.
 
+Several teachers in one run (routing; docs/concepts.md, "Several teachers"): each row names its teacher
+in `teacher_column`, and rows without it go to `default_teacher`:
+
+```yaml
+teachers: {general: builtin:smollm2-135m-instruct, math: runs/math-specialist/final}
+default_teacher: general
+# a row: {"prompt": "12+30=", "completion": "42", "teacher": "math"}
+```
+
+Each local teacher is loaded once (memory: the sum of their weights); one that does not fit goes in
+another process with `gkd serve-teacher` and is named by its URL (`remote: http://host:8000`).
+
 | field | default | meaning |
 |---|---|---|
 """

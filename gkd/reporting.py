@@ -148,7 +148,7 @@ def write_model_card(path: Path, cfg: GKDConfig, history: list[dict[str, float]]
     student = f"`{cfg.student}`"
     teacher = f"`{cfg.teacher}`"
     if cfg.teachers:  # several teachers, rows routed by their teacher column
-        from gkd.teachers import teacher_specs
+        from gkd.teacher_specs import teacher_specs
 
         teacher = ", ".join(f"{n}: `{s.model}`" for n, s in teacher_specs(cfg).items()) + (
             f" (rows routed by their `{cfg.teacher_column}` column)")

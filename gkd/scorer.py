@@ -180,9 +180,7 @@ def score(
     (:class:`gkd.teachers.TeacherRouter`) score each row with the teacher its ``rollout.rows`` names."""
     if teacher is None:
         return ScoredRollout(rollout=rollout, teacher_logits=None)
-    from gkd.teachers import TeacherRouter
-
-    if isinstance(teacher, TeacherRouter):  # teachers: each row scored by its own teacher
+    if getattr(teacher, "routes_rows", False):  # teachers: each row scored by its own (gkd.teachers.TeacherRouter)
         return teacher.score(rollout, vocab_size, hidden_layers=hidden_layers, attention_layers=attention_layers,
                              topk=topk, temperature=temperature, chunk_size=chunk_size,
                              with_token_logprobs=with_token_logprobs)

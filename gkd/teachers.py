@@ -26,119 +26,26 @@ the answer), so ZeRO-3 gathers and the sampler's all-ranks-done checks stay matc
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gkd import distributed
+from gkd.config import GKDConfig
 from gkd.errors import ConfigError, InputError
 from gkd.losses import TeacherTopK, masked_sum_and_count
+from gkd.models import disable_dropout, load_model, load_tokenizer, resolve_model
 from gkd.rollout import Rollout
+from gkd.scorer import ScoredRollout, check_tokenizers_match, lm_head, output_vocab_size, score
+from gkd.serving.client import RemoteTeacher
+from gkd.teacher_specs import DEFAULT_NAME, TEACHER_SETTINGS, TeacherSpec, default_teacher_name, teacher_specs
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from gkd.config import GKDConfig
-    from gkd.scorer import ScoredRollout
-
 __all__ = ["DEFAULT_NAME", "TEACHER_SETTINGS", "TeacherRouter", "TeacherSpec", "load_router", "select_rows",
            "teacher_specs"]
-
-#: The name ``teacher:`` gets when it is given beside ``teachers:`` (it is then the default teacher).
-DEFAULT_NAME = "default"
-
-#: Per-teacher settings a ``teachers:`` entry may give as a mapping (``model`` required), and the run-wide
-#: field each one defaults to.
-TEACHER_SETTINGS = {"model": "teacher", "gguf_file": "teacher_gguf_file", "dtype": "teacher_dtype",
-                    "quantization": "teacher_quantization", "api_key_env": "teacher_api_key_env",
-                    "timeout": "teacher_timeout"}
-
-#: Run-wide teacher settings that cannot differ between teachers yet (one value for all of them).
-_SHARED = {"topk": "teacher_topk", "temperature": "loss_temperature", "cache": "teacher_cache"}
-
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """One entry of ``teachers:``: the model and how to load it."""
-
-    name: str
-    model: str
-    gguf_file: str = ""
-    dtype: str = "auto"
-    quantization: str = "none"
-    api_key_env: str = "GKD_TEACHER_API_KEY"
-    timeout: float = 600.0
-
-    @property
-    def served(self) -> bool:
-        return self.model.startswith(("http://", "https://"))
-
-
-def teacher_specs(cfg: GKDConfig) -> dict[str, TeacherSpec]:
-    """``cfg.teachers`` as specs, in recipe order, with ``teacher:`` (when also given) as ``default``;
-    raises :class:`ConfigError` (one line, naming the entry) for anything malformed."""
-    if cfg.teachers is None:
-        return {}
-    if not cfg.teachers:
-        raise ConfigError("teachers is empty: name at least one teacher (teachers: {name: model, ...}) or use teacher:")
-    entries: dict[str, Any] = dict(cfg.teachers)
-    if cfg.teacher:
-        if DEFAULT_NAME in entries:
-            raise ConfigError(f"teacher={cfg.teacher!r} joins teachers as {DEFAULT_NAME!r}, but teachers already has "
-                              f"an entry {DEFAULT_NAME!r}; rename it or drop teacher:")
-        entries = {DEFAULT_NAME: cfg.teacher, **entries}
-    specs = {}
-    for name, value in entries.items():
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ConfigError(f"teachers: name {name!r} must be letters, digits, '_', '-' or '.' (it names metrics "
-                              "loss/<name>, rows/<name>)")
-        where = f"teachers: {name!r}"
-        defaults = {key: getattr(cfg, field) for key, field in TEACHER_SETTINGS.items() if key != "model"}
-        if isinstance(value, str):
-            settings: dict[str, Any] = {"model": value}
-        elif isinstance(value, Mapping):
-            settings = dict(value)
-            shared = sorted(set(settings) & set(_SHARED))
-            if shared:
-                raise ConfigError(f"{where}: per-teacher {shared[0]} is not supported; {_SHARED[shared[0]]} applies "
-                                  "to every teacher (one value for all of them)")
-            unknown = sorted(set(settings) - set(TEACHER_SETTINGS))
-            if unknown:
-                raise ConfigError(f"{where}: unknown setting {unknown[0]!r}; valid: {', '.join(TEACHER_SETTINGS)}")
-            if not isinstance(settings.get("model"), str) or not settings["model"]:
-                raise ConfigError(f"{where}: needs model: (a hub id, folder, .gguf file, builtin:… or http://…)")
-        else:
-            raise ConfigError(f"{where}: must be a model (hub id, folder, .gguf file, builtin:…, http://…) or a mapping "
-                              f"with model: and per-teacher settings, got {type(value).__name__}")
-        if not settings["model"]:
-            raise ConfigError(f"{where}: the model is empty")
-        spec = TeacherSpec(name=name, **{**defaults, **settings})
-        for key, valid in (("dtype", ("auto", "float32", "bfloat16", "float16")),
-                           ("quantization", ("none", "8bit", "4bit"))):
-            if getattr(spec, key) not in valid:
-                raise ConfigError(f"{where}: {key}={getattr(spec, key)!r} is not valid; choose one of: {', '.join(valid)}")
-        try:
-            float(spec.timeout)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: timeout={spec.timeout!r} must be a number") from None
-        specs[name] = spec
-    return specs
-
-
-def default_teacher_name(cfg: GKDConfig, names: Sequence[str]) -> str:
-    """The teacher of rows without ``teacher_column``: ``default_teacher``, else ``teacher:`` (as
-    ``default``) when given, else the first of ``teachers``."""
-    if cfg.default_teacher:
-        if cfg.default_teacher not in names:
-            raise ConfigError(f"default_teacher={cfg.default_teacher!r} is not one of teachers: {', '.join(names)}")
-        return cfg.default_teacher
-    return DEFAULT_NAME if cfg.teacher and DEFAULT_NAME in names else names[0]
-
 
 # --- selecting rows of batches and rollouts, and putting answers back in batch order ------------------------
 
@@ -262,6 +169,8 @@ class TeacherRouter:
     ``teachers``: name → local ``nn.Module`` (frozen, eval mode) or served client
     (:class:`gkd.serving.client.RemoteTeacher`); ``default``: the teacher of rows without ``column``."""
 
+    routes_rows = True  # gkd.scorer.score hands a router the whole rollout
+
     def __init__(self, teachers: Mapping[str, Any], default: str, column: str = "teacher") -> None:
         if not teachers:
             raise ConfigError("teachers is empty: name at least one teacher")
@@ -332,8 +241,6 @@ class TeacherRouter:
         """:func:`gkd.scorer.score`, each teacher on its own rows (one call per teacher), answers in batch
         order. With a served teacher among them, local teachers add ``log p(y_t)`` too, so that every row
         has it."""
-        from gkd.scorer import ScoredRollout, score
-
         if kwargs.get("hidden_layers") or kwargs.get("attention_layers"):
             raise ConfigError("hidden-state / attention objectives are not supported with teachers: (each teacher "
                               "would need its own projection); use logit objectives")
@@ -417,10 +324,6 @@ def load_router(cfg: GKDConfig, acc: Accelerator, tokenizer: Any,
     """The run's teachers (``cfg.teachers``), each loaded once: the models in ``given`` (Python API) as they
     are, the rest from their specs (local: tokenizer checked against the student's; served: connected,
     the server's tokenizer checked), frozen in eval mode."""
-    from gkd.models import disable_dropout, load_model, load_tokenizer, resolve_model
-    from gkd.scorer import check_tokenizers_match, lm_head, output_vocab_size
-    from gkd.serving.client import RemoteTeacher
-
     specs = teacher_specs(cfg)
     given = dict(given or {})
     if given and set(given) != set(specs):

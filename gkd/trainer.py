@@ -100,6 +100,9 @@ class GKDTrainer:
                                                     acc.num_processes)
         if teachers is not None and cfg.teachers is None:
             raise ConfigError("teachers= (several teacher models) needs config.teachers naming the same teachers")
+        if teacher is not None and cfg.teachers is not None:
+            raise ConfigError("config.teachers is set: pass the models as teachers={name: model} (teacher: joins "
+                              "them as 'default'), not teacher=")
         self.tokenizer, student, teacher = load_models(cfg, acc, student, teacher, tokenizer)
         if cfg.teachers is not None:  # several teachers: rows routed to theirs (gkd/teachers.py)
             teacher = load_router(cfg, acc, self.tokenizer, teachers)

@@ -288,3 +288,4 @@ def test_per_teacher_metrics_samples_and_bit_exact_resume(tmp_path):
     assert [[r.get(k) for k in keys] for r in split] == [[r.get(k) for k in keys] for r in straight]  # exact
     samples = _lines(tmp_path / "straight" / "samples.jsonl")
     assert samples and all(s["teacher"] in ("a", "b") for s in samples)
+
