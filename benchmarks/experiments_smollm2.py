@@ -71,6 +71,8 @@ class Method:
 
 
 JSD = {"divergence": "jsd", "beta": 0.5}
+#: on-policy steps of the issue-24 arms: 2 prompts × 2 samples each = the 4 sequences of an off-policy step
+PAIRS = {"per_device_batch_size": 2, "num_generations": 2}
 METHODS = [
     Method("seqkd", "SeqKD: SFT on teacher samples (λ=0)",
            {"lmbda": 0.0, "seq_kd": True, "divergence": "kd", "kd_weight": 0.0}),
@@ -88,18 +90,21 @@ METHODS = [
     Method("minillm", "MiniLLM, lmops preset (same lr/tokens: 1 PPO epoch, no LM data)",
            {"algorithm": "minillm", "minillm_preset": "lmops", "ppo_epochs": 1, "num_rollouts": 16, "teacher_mix": 0.2}),
     # issue 24: speculative KD, adaptive λ, the sampled-token objective, low-temperature rollouts
-    Method("skd", "SKD (K=25) from the pruned start, forward KL, λ=1",
-           {"lmbda": 1.0, "rollout": "skd", "skd_top_k": 25, "divergence": "forward_kl"}),
-    Method("adaptive", "adaptive λ (DistiLLM's rule, +0.1 per stall, checked every 10 steps), KD off-policy share",
-           {"lmbda": 0.0, "lmbda_schedule": "adaptive", "lmbda_check_steps": 10, "lmbda_val_prompts": 16,
-            "seq_kd": True, "divergence": "forward_kl"}),
-    Method("kd_skd", "KD first, then SKD (K=25)", {"lmbda": 1.0, "rollout": "skd", "skd_top_k": 25,
-                                                  "divergence": "forward_kl"}, init="kd"),
-    Method("kd_gkd", "KD first, then on-policy GKD JSD(0.5)", {"lmbda": 1.0, **JSD}, init="kd"),
-    Method("kd_sampled", "KD first, then the sampled-token objective (tinker), λ=1",
-           {"lmbda": 1.0, "divergence": "sampled_reverse_kl"}, init="kd"),
-    Method("kd_lowtemp", "KD first, then on-policy GKD JSD(0.5) sampled at T=0.3 (near the greedy decoding that loops)",
-           {"lmbda": 1.0, "temperature": 0.3, **JSD}, init="kd"),
+    Method("skd", "SKD (K=25) from the pruned start, forward KL, λ=1, 2 samples × 2 prompts",
+           {"lmbda": 1.0, "rollout": "skd", "skd_top_k": 25, "divergence": "forward_kl", **PAIRS}),
+    Method("adaptive", "adaptive λ (DistiLLM's rule, +0.2 per stall, checked every 5 steps), KD off-policy share",
+           {"lmbda": 0.0, "lmbda_schedule": "adaptive", "lmbda_check_steps": 5, "lmbda_step": 0.2,
+            "lmbda_val_prompts": 16, "seq_kd": True, "divergence": "forward_kl"}),
+    Method("kd_kd", "KD, optimizer restarted at half (the control of the KD-first arms)",
+           {"lmbda": 0.0, "seq_kd": True, "divergence": "forward_kl"}, init="kd"),
+    Method("kd_skd", "KD first, then SKD (K=25), 2 samples × 2 prompts",
+           {"lmbda": 1.0, "rollout": "skd", "skd_top_k": 25, "divergence": "forward_kl", **PAIRS}, init="kd"),
+    Method("kd_gkd", "KD first, then on-policy GKD JSD(0.5), 2 samples × 2 prompts", {"lmbda": 1.0, **JSD, **PAIRS},
+           init="kd"),
+    Method("kd_sampled", "KD first, then the sampled-token objective (tinker), λ=1, 2 samples × 2 prompts",
+           {"lmbda": 1.0, "divergence": "sampled_reverse_kl", **PAIRS}, init="kd"),
+    Method("kd_lowtemp", "KD first, then on-policy GKD JSD(0.5) sampled at T=0.3 (near the greedy decoding that "
+           "loops), 2 samples × 2 prompts", {"lmbda": 1.0, "temperature": 0.3, **JSD, **PAIRS}, init="kd"),
 ]
 
 
@@ -117,6 +122,7 @@ class Plan:
     num_eval: int = 64
     sample_seed: int = 1234
     quick: bool = False
+    tf_sampled: bool = True  # teacher-forced KLs on one sampled teacher answer per prompt as well
 
     @classmethod
     def quick_plan(cls) -> Plan:
@@ -151,15 +157,23 @@ def arithmetic_hits(prompts: list[str], completions: list[str]) -> tuple[int, in
 class Evaluator:
     """Held-out metrics of a model against the teacher's greedy and sampled answers (computed once)."""
 
-    def __init__(self, plan: Plan, teacher, tokenizer, rows: list[dict[str, Any]]) -> None:
+    def __init__(self, plan: Plan, teacher, tokenizer, rows: list[dict[str, Any]], cache: Path | None = None) -> None:
         from gkd.evaluate import model_completions
 
         self.plan, self.teacher, self.tokenizer = plan, teacher, tokenizer
         self.rows = rows[: plan.num_eval]
         self.kw = {"max_new_tokens": plan.max_new_tokens, "max_prompt_length": 256, "batch_size": 64}
+        key = [plan.max_new_tokens, plan.sample_seed, [r["prompt"] for r in self.rows]]
+        if cache is not None and cache.exists() and (saved := json.loads(cache.read_text()))["key"] == key:
+            self.teacher_greedy, self.teacher_sampled = saved["greedy"], saved["sampled"]
+            return
         self.teacher_greedy = model_completions(teacher, tokenizer, self.rows, **self.kw)
         self.teacher_sampled = model_completions(teacher, tokenizer, self.rows, do_sample=True, seed=plan.sample_seed,
                                                  **self.kw)
+        if cache is not None:  # the next sweep in this work dir (e.g. one started beside this one) reuses them
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "greedy": self.teacher_greedy, "sampled": self.teacher_sampled}))
+            tmp.replace(cache)
 
     def __call__(self, model) -> dict[str, Any]:
         from gkd.evaluate import evaluate, teacher_forced_kl
@@ -175,7 +189,10 @@ class Evaluator:
         sampled = evaluate(model, self.tokenizer, refs, teacher=teacher, decoding="sample", seed=self.plan.sample_seed,
                            rouge=False, **common)
         tf_greedy = teacher_forced_kl(model, self.teacher, self.tokenizer, refs, **self.kw)
-        tf_sampled = teacher_forced_kl(model, self.teacher, self.tokenizer, sampled_refs, **self.kw)
+        # on the teacher's sampled answers too (two more full-vocabulary forwards over every answer: a quarter
+        # of the evaluation's cost at 128 tokens, so issue 24's sweep turns it off)
+        tf_sampled = (teacher_forced_kl(model, self.teacher, self.tokenizer, sampled_refs, **self.kw)
+                      if self.plan.tf_sampled else (None, None))
         completions = [s["completion"] for s in greedy.samples]
         hits, asked = arithmetic_hits([r["prompt"] for r in refs], completions)
         v = greedy.verifiable or {}
@@ -236,13 +253,18 @@ def run(plan: Plan, methods: list[Method], work: Path) -> None:
         """The KD arm's student after half the steps (trained once per seed), its time and history."""
         out = work / f"kd-half-s{seed}"
         done_file = out / "kd_first.json"
+        lock = work / f"kd-half-s{seed}.lock"
+        while not done_file.exists() and lock.exists():  # a sweep beside this one is training it
+            time.sleep(20)
         if not done_file.exists():
+            lock.touch()
             t0 = time.perf_counter()
             cfg = config(seed, out, steps=plan.steps // 2, **kd.overrides)
             cfg.save_final_model = True
             trainer = GKDTrainer(cfg, tokenizer=tokenizer, teacher=teacher)
             hist = trainer.train()
             done_file.write_text(json.dumps({"time_s": time.perf_counter() - t0, "history": hist}))
+            lock.unlink(missing_ok=True)
             del trainer
         info = json.loads(done_file.read_text())
         return out / "final", info["time_s"], info["history"]
@@ -250,23 +272,27 @@ def run(plan: Plan, methods: list[Method], work: Path) -> None:
     held_out = config_rows(config(0, work / "probe"), DATASET, tokenizer, part="validation")
     cache = work / "reference.json"
     t0 = time.perf_counter()
-    evaluator = Evaluator(plan, teacher, tokenizer, held_out)
+    evaluator = Evaluator(plan, teacher, tokenizer, held_out, cache=work / "teacher_answers.json")
     print(f"held out: {len(evaluator.rows)} prompts; teacher answers in {time.perf_counter() - t0:.0f}s", flush=True)
     done_path = work / "runs.jsonl"
-    done = {(r["method"], r["seed"]) for r in _read_runs(done_path)}
-    if not cache.exists():
+    ref_lock = work / "reference.lock"
+    if not cache.exists() and not ref_lock.exists():  # a sweep beside this one may be writing it
+        ref_lock.touch()
         t0 = time.perf_counter()
         ref = {"teacher": evaluator(teacher), "init": evaluator(load_model(str(init), "float32").eval()),
                "plan": plan.__dict__, "teacher_greedy": evaluator.teacher_greedy[:6]}
         ref["eval_time_s"] = (time.perf_counter() - t0) / 2
         cache.write_text(json.dumps(ref, indent=1))
+        ref_lock.unlink(missing_ok=True)
         print(f"teacher/init evaluated in {2 * ref['eval_time_s']:.0f}s: init Rouge-L {ref['init']['rouge_l']:.1f}, "
               f"tf KL(t‖s) {ref['init']['tf_fkl_greedy']:.2f}", flush=True)
     for seed in plan.seeds:
         for m in methods:
-            if (m.key, seed) in done:
+            started = work / f"{m.key}-s{seed}.started"  # a sweep beside this one has taken it
+            if (m.key, seed) in {(r["method"], r["seed"]) for r in _read_runs(done_path)} or started.exists():
                 print(f"skip {m.key} seed {seed} (in {done_path})", flush=True)
                 continue
+            started.touch()
             start, first_time, first = init, 0.0, []
             steps = plan.steps
             if m.init == "kd":
@@ -471,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads of this process (two sweeps side by side: 1 each)")
     parser.add_argument("--max-new-tokens", type=int, help="completion length in training and evaluation (default 32; "
                                                            "issue 24's runs: 128)")
+    parser.add_argument("--no-tf-sampled", action="store_true",
+                        help="skip the teacher-forced KLs on the teacher's sampled answers (a quarter of the evaluation)")
     parser.add_argument("--lr", type=float, help="learning rate of every arm (default 5e-5)")
     parser.add_argument("--evaluate", metavar="MODEL", help="only evaluate a saved student (e.g. a run's final/) with "
                                                             "the held-out metrics above; prints JSON")
@@ -482,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.steps = args.steps
     if args.max_new_tokens:
         plan.max_new_tokens = args.max_new_tokens
+    if args.no_tf_sampled:
+        plan.tf_sampled = False
     if args.lr:
         plan.lr = args.lr
     if args.threads:
