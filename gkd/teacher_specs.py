@@ -23,6 +23,7 @@ TEACHER_SETTINGS = {"model": "teacher", "gguf_file": "teacher_gguf_file", "dtype
                     "timeout": "teacher_timeout"}
 
 #: Run-wide teacher settings that cannot differ between teachers yet (one value for all of them).
+#: (``cache``: the one teacher_cache folder holds every teacher's scores, each under its own fingerprint.)
 _SHARED = {"topk": "teacher_topk", "temperature": "loss_temperature", "cache": "teacher_cache"}
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -123,9 +124,12 @@ def check_teachers(cfg: Any, structural: bool) -> None:
         if spec.served and spec.name != "default":
             cfg._check_served_teacher(spec.model, f"teachers: {spec.name!r} ({spec.model}, a served teacher)",
                                        spec.quantization, spec.gguf_file, float(spec.timeout), from_teacher=False)
+    served = [spec for spec in specs.values() if spec.served]
+    if cfg.teacher_cache and served:
+        raise ConfigError(f"teachers: {served[0].name!r} ({served[0].model}) is served, but teacher_cache="
+                          f"{cfg.teacher_cache!r} holds every teacher's scores and gkd cache-teacher needs local "
+                          "teachers; drop teacher_cache or use a local copy of that teacher")
     unsupported = [
-        (bool(cfg.teacher_cache), f"teacher_cache={cfg.teacher_cache!r} (a cache holds one teacher's scores; "
-                                   "gkd cache-teacher has no per-teacher fingerprints yet): drop teacher_cache"),
         (structural,
          "hidden-state / attention objectives (each teacher would need its own projection / layer map): use "
          "logit objectives"),

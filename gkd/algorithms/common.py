@@ -52,7 +52,10 @@ def _teacher_scores(parts: RunParts, rollout: Rollout, temperature: float, cache
     cfg, obj = parts.config, parts.objectives
     cache_file = parts.teacher_cache
     if cache_file is not None and rollout.is_reference and temperature == cache_file.manifest["temperature"]:
-        return ScoredRollout(rollout=rollout, teacher_logits=cache_file.lookup(rollout))  # gkd cache-teacher
+        names = None  # several teachers: each row's scores are its own teacher's
+        if getattr(parts.teacher, "routes_rows", False):
+            names = parts.teacher.row_names(rollout.rows, rollout.completion_ids.shape[0])
+        return ScoredRollout(rollout=rollout, teacher_logits=cache_file.lookup(rollout, names))  # gkd cache-teacher
     cacheable = cfg.teacher_topk > 0 and not obj.hidden_layers[1] and not obj.attention_layers[1]
     if cacheable and rollout.teacher_cache is not None and rollout.teacher_cache[0] == temperature:
         return ScoredRollout(rollout=rollout, teacher_logits=rollout.teacher_cache[1])

@@ -15,6 +15,13 @@ that lacks a training row, or that was never completed is refused with the reaso
 and SHA-256 are in the manifest and checked when it is opened (a truncated or altered shard is one
 line, exit 2). Shards are read lazily (``safe_open``), so memory does not grow with the dataset. One
 writer at a time: ``gkd cache-teacher`` holds ``FOLDER.lock`` while it writes.
+
+Several teachers (``teachers:``): each row is scored by its own teacher (the one its ``teacher_column``
+names, else the default), the manifest's ``teachers`` holds one fingerprint per teacher name, and a row
+is found by its token ids *and* its teacher's name (the same text routed to two teachers has two
+entries). A run whose teachers differ from the cache's in any name or fingerprint is refused, naming
+the teacher; a row now routed to another teacher (a changed column or ``default_teacher``) is a missing
+row.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +46,14 @@ CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def row_hash(prompt_ids: list[int], completion_ids: list[int]) -> bytes:
-    """SHA-256 (32 bytes) of a row's token ids: the key a cached row is found by."""
+def row_hash(prompt_ids: list[int], completion_ids: list[int], teacher: str | None = None) -> bytes:
+    """SHA-256 (32 bytes) of a row's token ids (and, in a cache of several teachers, the name of the
+    row's teacher): the key a cached row is found by."""
     h = hashlib.sha256()
     h.update(len(prompt_ids).to_bytes(4, "little"))
     h.update(torch.tensor(prompt_ids + completion_ids, dtype=torch.int64).numpy().tobytes())
+    if teacher is not None:
+        h.update(b"\0teacher:" + teacher.encode())
     return h.digest()
 
 
@@ -118,23 +129,39 @@ def teacher_fingerprint(name: str, path: str | None) -> str:
     return "files:" + h.hexdigest()
 
 
-def _key(fingerprint: str, tokenizer, k: int, temperature: float, max_prompt_length: int,
+def _key(fingerprint: str | Mapping[str, str], tokenizer, k: int, temperature: float, max_prompt_length: int,
          max_new_tokens: int) -> dict[str, Any]:
-    return {"version": CACHE_VERSION, "teacher": fingerprint, "tokenizer": tokenizer_hash(tokenizer), "top_k": k,
+    """What a cache's scores depend on. ``fingerprint``: the teacher's, or one per teacher name (several)."""
+    who = {"teachers": dict(fingerprint)} if isinstance(fingerprint, Mapping) else {"teacher": fingerprint}
+    return {"version": CACHE_VERSION, **who, "tokenizer": tokenizer_hash(tokenizer), "top_k": k,
             "temperature": float(temperature), "max_prompt_length": max_prompt_length,
             "max_new_tokens": max_new_tokens}
 
 
+#: A teacher to cache with: the model, or (several teachers) a function that loads it when its rows come up.
+TeacherSource = torch.nn.Module | Callable[[], torch.nn.Module]
+
+
 @torch.no_grad()
-def write_cache(folder: str | Path, teacher: torch.nn.Module, tokenizer, rows: list[dict[str, Any]], *,
-                fingerprint: str, top_k: int, temperature: float, max_prompt_length: int, max_new_tokens: int,
+def write_cache(folder: str | Path, teacher: TeacherSource | Mapping[str, TeacherSource], tokenizer,
+                rows: list[dict[str, Any]], *, fingerprint: str | Mapping[str, str], top_k: int, temperature: float,
+                max_prompt_length: int, max_new_tokens: int, row_teachers: Sequence[str] | None = None,
                 batch_size: int = 16, shard_rows: int = 4096, progress: bool = False) -> dict[str, Any]:
     """Score every row's reference completion with ``teacher`` and write the cache to ``folder``
     (atomically: a temporary folder renamed at the end, the manifest written last), holding
     ``FOLDER.lock``: a second writer is refused with one line. Returns the manifest. A ``top_k`` above
-    the vocabulary keeps the whole distribution (as a live teacher does)."""
+    the vocabulary keeps the whole distribution (as a live teacher does).
+
+    Several teachers: ``teacher`` and ``fingerprint`` map each teacher name to its model (or a function
+    that loads it, called once, when that teacher's rows come up, and dropped after them) and to its
+    fingerprint; ``row_teachers`` names each row's teacher. Each row is scored by its own teacher only."""
     from filelock import FileLock, Timeout
 
+    several = isinstance(fingerprint, Mapping)
+    if several != (row_teachers is not None) or several != isinstance(teacher, Mapping):
+        raise ValueError("several teachers need a mapping of teachers, one of fingerprints, and row_teachers")
+    if row_teachers is not None and len(row_teachers) != len(rows):
+        raise ValueError(f"row_teachers names {len(row_teachers)} rows, there are {len(rows)}")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder.with_name(folder.name + ".lock")))
@@ -146,14 +173,15 @@ def write_cache(folder: str | Path, teacher: torch.nn.Module, tokenizer, rows: l
     try:
         return _write_cache(folder, teacher, tokenizer, rows, fingerprint=fingerprint, top_k=top_k,
                             temperature=temperature, max_prompt_length=max_prompt_length,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, shard_rows=shard_rows,
-                            progress=progress)
+                            max_new_tokens=max_new_tokens, row_teachers=row_teachers, batch_size=batch_size,
+                            shard_rows=shard_rows, progress=progress)
     finally:
         lock.release()
 
 
-def _write_cache(folder: Path, teacher: torch.nn.Module, tokenizer, rows: list[dict[str, Any]], *, fingerprint: str,
-                 top_k: int, temperature: float, max_prompt_length: int, max_new_tokens: int, batch_size: int,
+def _write_cache(folder: Path, teacher: TeacherSource | Mapping[str, TeacherSource], tokenizer,
+                 rows: list[dict[str, Any]], *, fingerprint: str | Mapping[str, str], top_k: int, temperature: float,
+                 max_prompt_length: int, max_new_tokens: int, row_teachers: Sequence[str] | None, batch_size: int,
                  shard_rows: int, progress: bool) -> dict[str, Any]:
     """:func:`write_cache` once the writer's lock is held."""
     from safetensors.torch import save_file
@@ -166,9 +194,17 @@ def _write_cache(folder: Path, teacher: torch.nn.Module, tokenizer, rows: list[d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dataset = PromptDataset(rows, tokenizer, max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens)
-    device = next(teacher.parameters()).device
-    head, vocab = lm_head(teacher), len(tokenizer)
-    teacher.eval()
+    # (teacher name or None, teacher, its rows): one group per teacher that has rows, in the mapping's order
+    if isinstance(teacher, Mapping):
+        assert row_teachers is not None
+        groups = [(name, source, [i for i, n in enumerate(row_teachers) if n == name]) for name, source in teacher.items()]
+        unknown = sorted(set(row_teachers) - set(teacher))
+        if unknown:
+            raise InputError(f"gkd cache-teacher: rows name teacher {unknown[0]!r}, which is not one of "
+                             f"{', '.join(teacher)}")
+    else:
+        groups = [(None, teacher, list(range(len(dataset))))]
+    vocab = len(tokenizer)
     shards: list[dict[str, Any]] = []
     seen: set[bytes] = set()
     buffer: dict[str, list[torch.Tensor]] = {"indices": [], "logprobs": [], "log_tail": [], "token_logprobs": []}
@@ -190,42 +226,53 @@ def _write_cache(folder: Path, teacher: torch.nn.Module, tokenizer, rows: list[d
         hashes.clear()
         offsets[:] = [0]
 
-    iterator = range(0, len(dataset), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="teacher cache", unit="batch")
-    for start in iterator:
-        examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        fresh = []
-        for e in examples:
-            if e.reference_ids is None:
-                raise InputError("gkd cache-teacher scores reference completions: every row needs a 'completion'")
-            key = row_hash(e.prompt_ids, e.reference_ids)
-            if key not in seen:  # a duplicated row is stored once
-                seen.add(key)
-                fresh.append((e, key))
-        if not fresh:
+    for name, source, members in groups:
+        if not members:
             continue
-        batch = collate([e for e, _ in fresh], tokenizer.pad_token_id)
-        rollout = reference_rollout(batch).to(device)
-        out = completion_outputs(teacher, rollout, vocab, final_hidden=True)
-        hidden = out.final_hidden[rollout.completion_mask]  # type: ignore[index]
-        targets = rollout.completion_ids[rollout.completion_mask]
-        top, token = teacher_topk_and_targets(hidden, top_k, targets, head=head, vocab_size=vocab,
-                                              temperature=temperature)
-        buffer["indices"].append(top.indices.int().cpu())
-        buffer["logprobs"].append(top.logprobs.float().cpu())
-        buffer["log_tail"].append(top.log_tail.float().cpu())
-        buffer["token_logprobs"].append(token.float().cpu())  # type: ignore[union-attr]
-        for i, (_, key) in enumerate(fresh):
-            hashes.append(key)
-            offsets.append(offsets[-1] + int(rollout.completion_mask[i].sum()))
-        if len(hashes) >= shard_rows:
-            flush()
+        model = source if isinstance(source, torch.nn.Module) else source()  # several: loaded when its rows come up
+        device = next(model.parameters()).device
+        head = lm_head(model)
+        model.eval()
+        iterator: Any = range(0, len(members), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, desc="teacher cache" + (f" ({name})" if name else ""), unit="batch")
+        for start in iterator:
+            examples = [dataset[i] for i in members[start:start + batch_size]]
+            fresh = []
+            for e in examples:
+                if e.reference_ids is None:
+                    raise InputError("gkd cache-teacher scores reference completions: every row needs a 'completion'")
+                key = row_hash(e.prompt_ids, e.reference_ids, name)
+                if key not in seen:  # a duplicated row is stored once
+                    seen.add(key)
+                    fresh.append((e, key))
+            if not fresh:
+                continue
+            batch = collate([e for e, _ in fresh], tokenizer.pad_token_id)
+            rollout = reference_rollout(batch).to(device)
+            out = completion_outputs(model, rollout, vocab, final_hidden=True)
+            hidden = out.final_hidden[rollout.completion_mask]  # type: ignore[index]
+            targets = rollout.completion_ids[rollout.completion_mask]
+            top, token = teacher_topk_and_targets(hidden, top_k, targets, head=head, vocab_size=vocab,
+                                                  temperature=temperature)
+            buffer["indices"].append(top.indices.int().cpu())
+            buffer["logprobs"].append(top.logprobs.float().cpu())
+            buffer["log_tail"].append(top.log_tail.float().cpu())
+            buffer["token_logprobs"].append(token.float().cpu())  # type: ignore[union-attr]
+            for i, (_, key) in enumerate(fresh):
+                hashes.append(key)
+                offsets.append(offsets[-1] + int(rollout.completion_mask[i].sum()))
+            if len(hashes) >= shard_rows:
+                flush()
+        del model, head
     flush()
     manifest = {**_key(fingerprint, tokenizer, top_k, temperature, max_prompt_length, max_new_tokens),
-                "width": min(top_k, vocab), "rows": len(seen), "dataset": hashlib.sha256(b"".join(sorted(seen))).hexdigest(), "shards": shards}
+                "width": min(top_k, vocab), "rows": len(seen), "dataset": hashlib.sha256(b"".join(sorted(seen))).hexdigest(),
+                "shards": shards}
+    if row_teachers is not None:
+        manifest["rows_per_teacher"] = {name: len(members) for name, _, members in groups}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if folder.exists():
         shutil.rmtree(folder)
@@ -275,36 +322,69 @@ class TeacherCache:
             raise ValueError(f"{shard['file']} does not match the SHA-256 in the manifest (altered since written)")
         return safe_open(str(path), framework="pt")
 
-    def check(self, *, fingerprint: str, tokenizer, top_k: int, temperature: float, max_prompt_length: int,
-              max_new_tokens: int) -> None:
-        """Refuse a cache written for another teacher, tokenizer, k, temperature or length limits."""
+    @property
+    def teachers(self) -> dict[str, str] | None:
+        """Teacher name → fingerprint of a cache of several teachers; None for one teacher."""
+        return self.manifest.get("teachers")
+
+    def check(self, *, fingerprint: str | Mapping[str, str], tokenizer, top_k: int, temperature: float,
+              max_prompt_length: int, max_new_tokens: int) -> None:
+        """Refuse a cache written for another teacher (or other teachers: one fingerprint per name),
+        tokenizer, k, temperature or length limits."""
         want = _key(fingerprint, tokenizer, top_k, temperature, max_prompt_length, max_new_tokens)
-        stale = [f"{k}: cache {self.manifest.get(k)!r}, run {v!r}" for k, v in want.items() if self.manifest.get(k) != v]
+        stale = []
+        if ("teachers" in want) != (self.teachers is not None):
+            have = f"teachers {', '.join(self.teachers)}" if self.teachers is not None else "one teacher"
+            run = f"teachers {', '.join(want['teachers'])}" if "teachers" in want else "one teacher"
+            stale.append(f"cache of {have}, run of {run}")
+        elif self.teachers is not None:
+            cached, run = self.teachers, want["teachers"]
+            stale += [f"teacher {n!r}: cache {cached[n]!r}, run {run[n]!r}" for n in run if n in cached and cached[n] != run[n]]
+            stale += [f"teacher {n!r}: not in the cache" for n in run if n not in cached]
+            stale += [f"teacher {n!r}: in the cache, not in the run" for n in cached if n not in run]
+        stale += [f"{k}: cache {self.manifest.get(k)!r}, run {v!r}" for k, v in want.items()
+                  if k not in ("teacher", "teachers") and self.manifest.get(k) != v]
+        if "teacher" in want and self.teachers is None and self.manifest.get("teacher") != want["teacher"]:
+            stale.insert(0, f"teacher: cache {self.manifest.get('teacher')!r}, run {want['teacher']!r}")
         if stale:
             raise InputError(f"teacher_cache={str(self.folder)!r} was written for another setup ({'; '.join(stale)}): "
                              "run gkd cache-teacher with this recipe again")
 
-    def check_rows(self, dataset) -> None:
-        """Every row of ``dataset`` (a :class:`gkd.data.PromptDataset`) must be in the cache."""
+    def _key_names(self, n: int, row_teachers: Sequence[str] | None) -> list[str | None]:
+        """Each row's teacher name as its key needs it (None for a cache of one teacher)."""
+        if self.teachers is None:
+            return [None] * n
+        if row_teachers is None or len(row_teachers) != n:
+            raise ValueError("a cache of several teachers finds a row by its teacher: pass each row's teacher name")
+        return list(row_teachers)
+
+    def check_rows(self, dataset, row_teachers: Sequence[str] | None = None) -> None:
+        """Every row of ``dataset`` (a :class:`gkd.data.PromptDataset`) must be in the cache (several
+        teachers: under its teacher, ``row_teachers``)."""
+        names = self._key_names(len(dataset), row_teachers)
         missing = 0
         for i in range(len(dataset)):
             e = dataset[i]
-            if e.reference_ids is not None and row_hash(e.prompt_ids, e.reference_ids) not in self._where:
+            if e.reference_ids is not None and row_hash(e.prompt_ids, e.reference_ids, names[i]) not in self._where:
                 missing += 1
         if missing:
+            what = ("the dataset, its split or the rows' teachers (teacher column, default_teacher) changed"
+                    if self.teachers is not None else "the dataset or its split changed")
             raise InputError(f"teacher_cache={str(self.folder)!r} lacks {missing} of the {len(dataset)} training rows "
-                             "(the dataset or its split changed since it was written): run gkd cache-teacher again")
+                             f"({what} since it was written): run gkd cache-teacher again")
 
-    def lookup(self, rollout) -> TeacherTopK:
-        """The cached top-k view ``(B, L, k)`` of a reference rollout; padded positions hold a uniform top-k."""
+    def lookup(self, rollout, row_teachers: Sequence[str] | None = None) -> TeacherTopK:
+        """The cached top-k view ``(B, L, k)`` of a reference rollout (several teachers: each row's
+        from its teacher, ``row_teachers``); padded positions hold a uniform top-k."""
         k = int(self.manifest.get("width", self.manifest["top_k"]))  # top_k, or the vocabulary when smaller
         pm, cm = rollout.prompt_mask.cpu(), rollout.completion_mask.cpu()
         b, length = cm.shape
+        names = self._key_names(b, row_teachers)
         indices, logprobs, tail = padded_topk(b, length, k)
         for i in range(b):
             p = rollout.prompt_ids[i].cpu()[pm[i]].tolist()
             c = rollout.completion_ids[i].cpu()[cm[i]].tolist()
-            where = self._where.get(row_hash(p, c))
+            where = self._where.get(row_hash(p, c, names[i]))
             if where is None:
                 raise InputError(f"teacher_cache={str(self.folder)!r} has no entry for a batch row (prompt of {len(p)} "
                                  "tokens): the data changed since gkd cache-teacher ran")
@@ -326,27 +406,38 @@ def module_fingerprint(model: torch.nn.Module) -> str:
     return "params:" + h.hexdigest()
 
 
-def fingerprint_for(cfg, teacher: Any = None) -> str:
-    """The run's teacher fingerprint: its files when ``cfg.teacher`` resolves to a local folder, else
-    the parameters of the ``teacher`` module passed in, else the name (a hub id or a served teacher)."""
+def _model_fingerprint(model: str, gguf_file: str, teacher: Any = None) -> str:
+    """A teacher's fingerprint: its files when ``model`` resolves to a local folder, else the parameters
+    of the ``teacher`` module passed in, else the name (a hub id or a served teacher)."""
     from gkd.models import resolve_model
     from gkd.serving.client import is_remote_teacher
 
-    if cfg.teacher and not is_remote_teacher(cfg.teacher):
+    if model and not is_remote_teacher(model):
         try:
-            path = resolve_model(cfg.teacher, cfg.teacher_gguf_file, "teacher")
+            path = resolve_model(model, gguf_file, "teacher")
         except InputError:
             path = None
         if path and Path(path).is_dir():
-            return teacher_fingerprint(cfg.teacher, path)
+            return teacher_fingerprint(model, path)
     if isinstance(teacher, torch.nn.Module):
         return module_fingerprint(teacher)
-    return f"name:{cfg.teacher}"
+    return f"name:{model}"
+
+
+def fingerprint_for(cfg, teacher: Any = None) -> str | dict[str, str]:
+    """The run's teacher fingerprint (:func:`_model_fingerprint`); with several teachers (``teacher`` a
+    :class:`gkd.teachers.TeacherRouter`) one per teacher name."""
+    if getattr(teacher, "routes_rows", False):
+        from gkd.teacher_specs import teacher_specs
+
+        return {name: _model_fingerprint(spec.model, spec.gguf_file, teacher[name])
+                for name, spec in teacher_specs(cfg).items()}
+    return _model_fingerprint(cfg.teacher, cfg.teacher_gguf_file, teacher)
 
 
 def open_cache(cfg, tokenizer, teacher: Any, dataset, structural: bool = False) -> TeacherCache:
-    """Open ``cfg.teacher_cache`` for a run and refuse it unless it matches the run (teacher, tokenizer,
-    k, temperature, length limits) and holds every training row."""
+    """Open ``cfg.teacher_cache`` for a run and refuse it unless it matches the run (teacher(s), tokenizer,
+    k, temperature, length limits) and holds every training row (under its teacher)."""
     if structural:
         raise InputError("teacher_cache holds the teacher's top-k log-probs; hidden-state / attention objectives "
                          "need the live teacher")
@@ -354,34 +445,80 @@ def open_cache(cfg, tokenizer, teacher: Any, dataset, structural: bool = False) 
     cache.check(fingerprint=fingerprint_for(cfg, teacher), tokenizer=tokenizer, top_k=cfg.teacher_topk,
                 temperature=cfg.loss_temperature, max_prompt_length=cfg.max_prompt_length,
                 max_new_tokens=cfg.max_new_tokens)
-    cache.check_rows(dataset)
+    routed = getattr(teacher, "routes_rows", False)
+    cache.check_rows(dataset, teacher.row_names(dataset.rows) if routed else None)
     return cache
 
 
 def cache_teacher(cfg, progress: bool = False) -> dict[str, Any]:
-    """``gkd cache-teacher``: score the recipe's training rows with its teacher into ``cfg.teacher_cache``."""
+    """``gkd cache-teacher``: score the recipe's training rows with its teacher into ``cfg.teacher_cache``
+    (several teachers: each row with its own, each teacher loaded in turn)."""
     from gkd.data import config_rows
     from gkd.models import load_model, load_tokenizer, resolve_model
     from gkd.serving.client import is_remote_teacher
 
     if not cfg.teacher_cache:
         raise InputError("gkd cache-teacher writes to teacher_cache: set it in the recipe or as teacher_cache=FOLDER")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.teachers is not None:
+        return _cache_teachers(cfg, device, progress)
     if not cfg.teacher or is_remote_teacher(cfg.teacher):
         raise InputError(f"gkd cache-teacher needs a local teacher (teacher={cfg.teacher!r})")
     path = resolve_model(cfg.teacher, cfg.teacher_gguf_file, "teacher")
-    # the student's tokenizer renders and tokenises the rows in training (a student made from the teacher has its tokenizer)
-    origin = cfg.student_source_name
-    if origin is None:
-        tokenizer_path = resolve_model(cfg.student, cfg.student_gguf_file, "student")
-    elif origin == "teacher":
-        tokenizer_path = path
-    else:
-        tokenizer_path = resolve_model(cfg.student if origin == "student" else str(origin))
-    tokenizer = load_tokenizer(tokenizer_path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(_tokenizer_path(cfg, path), cfg.trust_remote_code)
     rows = config_rows(cfg, cfg.dataset, tokenizer, "train")
     teacher = load_model(path, cfg.teacher_dtype, cfg.trust_remote_code)
-    teacher.to("cuda" if torch.cuda.is_available() else "cpu")
+    teacher.to(device)
     return write_cache(cfg.teacher_cache, teacher, tokenizer, rows, fingerprint=teacher_fingerprint(cfg.teacher, path),
                        top_k=cfg.teacher_topk, temperature=cfg.loss_temperature,
                        max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
                        batch_size=max(cfg.per_device_batch_size, 8), progress=progress)
+
+
+def _tokenizer_path(cfg, teacher_path: str) -> str:
+    """Where the student's tokenizer is: the student's, or the teacher's when the student is made from it
+    (the student's tokenizer renders and tokenises the rows in training)."""
+    from gkd.models import resolve_model
+
+    origin = cfg.student_source_name
+    if origin is None:
+        return resolve_model(cfg.student, cfg.student_gguf_file, "student")
+    if origin == "teacher":
+        return teacher_path
+    return resolve_model(cfg.student if origin == "student" else str(origin))
+
+
+def _cache_teachers(cfg, device: str, progress: bool) -> dict[str, Any]:
+    """:func:`cache_teacher` with several teachers: every teacher local, each row scored by its own teacher
+    (the row's ``teacher_column``, else ``default_teacher``), the teachers loaded one at a time."""
+    from gkd.data import config_rows
+    from gkd.models import load_model, load_tokenizer, resolve_model
+    from gkd.scorer import check_tokenizers_match
+    from gkd.teacher_specs import default_teacher_name, teacher_specs
+    from gkd.teachers import TeacherRouter
+
+    specs = teacher_specs(cfg)
+    served = [name for name, spec in specs.items() if spec.served]
+    if served:
+        raise InputError(f"gkd cache-teacher needs local teachers; teachers: {served[0]!r} ({specs[served[0]].model}) "
+                         "is served")
+    paths = {name: resolve_model(spec.model, spec.gguf_file, f"teacher {name!r}") for name, spec in specs.items()}
+    default = default_teacher_name(cfg, list(specs))
+    tokenizer = load_tokenizer(_tokenizer_path(cfg, paths[default]), cfg.trust_remote_code)
+    for name, path in paths.items():
+        try:
+            check_tokenizers_match(tokenizer, load_tokenizer(path, cfg.trust_remote_code))
+        except InputError as e:
+            raise InputError(f"teachers: {name!r} ({specs[name].model}): {e}") from None
+    rows = config_rows(cfg, cfg.dataset, tokenizer, "train")
+    names = TeacherRouter(dict.fromkeys(specs), default, cfg.teacher_column).row_names(rows)
+
+    def loader(name: str) -> Callable[[], torch.nn.Module]:
+        spec = specs[name]
+        return lambda: load_model(paths[name], spec.dtype, cfg.trust_remote_code, spec.quantization).to(device)
+
+    return write_cache(cfg.teacher_cache, {name: loader(name) for name in specs}, tokenizer, rows,
+                       fingerprint={name: teacher_fingerprint(spec.model, paths[name]) for name, spec in specs.items()},
+                       top_k=cfg.teacher_topk, temperature=cfg.loss_temperature,
+                       max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
+                       row_teachers=names, batch_size=max(cfg.per_device_batch_size, 8), progress=progress)
