@@ -69,7 +69,8 @@ _EVAL_FROM_CONFIG = {"teacher": "teacher", "dataset": "dataset", "dataset_format
                      "max_response_length": "max_response_length", "num_train_examples": "num_train_examples",
                      "max_digits": "max_digits", "seed": "data_seed", "max_new_tokens": "max_new_tokens",
                      "max_prompt_length": "max_prompt_length", "temperature": "temperature", "top_p": "top_p",
-                     "top_k": "top_k", "reward_funcs": "reward_funcs"}
+                     "top_k": "top_k", "reward_funcs": "reward_funcs", "teachers": "teachers",
+                     "teacher_column": "teacher_column", "default_teacher": "default_teacher"}
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -212,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "completions, mean length and sample generations. Data settings default to "
                                     "the run's config.yaml beside the model folder (--config).")
     ev.add_argument("--model", help="model folder (e.g. runs/x/final) or hub id (required unless --rescore)")
-    ev.add_argument("--teacher", help="teacher folder or hub id for the KLs ('none' to skip one named by --config)")
+    ev.add_argument("--teacher", help="teacher folder or hub id for the KLs ('none' to skip one named by --config); "
+                                      "a run with several teachers (teachers: in its config) compares each row with "
+                                      "its own teacher and reports the KLs per teacher too, unless --teacher is given")
     ev.add_argument("--config", default="auto",
                     help="training config.yaml or recipe to take data/sampling settings from; 'auto' (default): "
                          "MODEL/../config.yaml if present; 'none': ignore")

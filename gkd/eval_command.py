@@ -15,35 +15,68 @@ from typing import Any
 
 from gkd.data import PARTS, load_rows
 from gkd.errors import InputError
-from gkd.evaluate import DECODINGS, EvalResult, evaluate, teacher_forced_kl
+from gkd.evaluate import DECODINGS, EvalResult, evaluate, teacher_forced_kls
 from gkd.rewards import RewardFunctions
 from gkd.scorer import check_tokenizers_match
+from gkd.teachers import TeacherRouter
 
-__all__ = ["BENCHMARKS", "BENCHMARK_MAX_NEW_TOKENS", "CONFIG_KEYS", "format_table", "load_benchmark",
+__all__ = ["BENCHMARKS", "BENCHMARK_MAX_NEW_TOKENS", "CONFIG_KEYS", "format_table", "load_benchmark", "load_teachers",
            "looping_summary", "read_run_config", "rescore_generations", "run_eval", "write_report"]
 
 #: Data and sampling fields ``gkd eval`` takes from a training run's ``config.yaml`` (flags override them).
 CONFIG_KEYS = ("dataset", "dataset_format", "dataset_split", "validation_size", "split_seed", "max_response_length",
                "num_train_examples", "max_digits", "max_new_tokens", "max_prompt_length", "seed", "temperature",
-               "top_p", "top_k", "reward_funcs", "teacher")
+               "top_p", "top_k", "reward_funcs", "teacher", "teachers", "teacher_column", "default_teacher")
+#: The fields of a run with several teachers; a teacher named on the command line replaces them.
+TEACHERS_KEYS = ("teachers", "teacher_column", "default_teacher")
 
 
-def _load_model_and_tokenizer(name: str, role: str, dtype: str = "float32"):
+def _load_model_and_tokenizer(name: str, role: str, dtype: str = "float32", gguf_file: str = ""):
     """Load a model (folder, .gguf file, packaged or built-in name, hub id) for evaluation; a missing or
     broken one is a one-line error."""
     from gkd.models import load_model, load_tokenizer, resolve_model
 
-    path = resolve_model(name, role=role)
+    path = resolve_model(name, gguf_file, role=role)
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype)
     model.eval()
     return model, tokenizer
 
 
+def load_teachers(teachers: Mapping[str, Any], tokenizer, *, teacher: str | None = None, teacher_column: str = "teacher",
+                  default_teacher: str | None = None) -> tuple[TeacherRouter, dict[str, str]]:
+    """A run's ``teachers:`` for ``gkd eval``: every teacher loaded (local ones only: the KLs need each
+    teacher's full distribution), its tokenizer checked against the model's, as a
+    :class:`gkd.teachers.TeacherRouter` that routes each row as training did. Also returns name → model."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from gkd.config import GKDConfig
+    from gkd.teacher_specs import TEACHER_SETTINGS, default_teacher_name, teacher_specs
+
+    defaults = {f.name: f.default for f in dataclasses.fields(GKDConfig) if f.name in TEACHER_SETTINGS.values()}
+    cfg = SimpleNamespace(**{**defaults, "teacher": teacher or ""}, teachers=dict(teachers),
+                          default_teacher=default_teacher or "", teacher_column=teacher_column or "teacher")
+    specs = teacher_specs(cfg)
+    models = {}
+    for name, spec in specs.items():
+        if spec.served:
+            raise InputError(f"teachers: {name!r} ({spec.model}) is served; gkd eval's KLs need each teacher's full "
+                             "distribution: pass --teacher MODEL (one local teacher for every row) or --teacher none")
+        model, teacher_tokenizer = _load_model_and_tokenizer(spec.model, f"teacher {name!r}", gguf_file=spec.gguf_file)
+        try:
+            check_tokenizers_match(tokenizer, teacher_tokenizer)
+        except InputError as e:
+            raise InputError(f"teachers: {name!r} ({spec.model}): {e}") from None
+        models[name] = model
+    router = TeacherRouter(models, default_teacher_name(cfg, list(specs)), cfg.teacher_column)
+    return router, {name: spec.model for name, spec in specs.items()}
+
+
 def read_run_config(path: str | Path, teacher_given: bool = False) -> dict[str, Any]:
     """The data / sampling fields of a training run's ``config.yaml`` (or any recipe). A run with several
-    teachers (``teachers:``) needs the teacher to compare with named (``teacher_given``): per-teacher KLs
-    are not computed by ``gkd eval`` yet."""
+    teachers brings ``teachers`` / ``teacher_column`` / ``default_teacher`` (each held-out row compared
+    with its own teacher), unless a teacher is named on the command line (``teacher_given``)."""
     import yaml
 
     try:
@@ -52,11 +85,11 @@ def read_run_config(path: str | Path, teacher_given: bool = False) -> dict[str, 
         raise InputError(f"cannot read config {str(path)!r}: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise InputError(f"config {str(path)!r} must be a mapping of key: value")
-    if values.get("teachers") and not teacher_given:
-        names = ", ".join(map(str, values["teachers"])) if isinstance(values["teachers"], dict) else values["teachers"]
-        raise InputError(f"config {str(path)!r} has several teachers (teachers: {names}); gkd eval has no per-teacher "
-                         "KLs yet: pass --teacher MODEL (the one to compare with) or --teacher none")
-    return {k: values[k] for k in CONFIG_KEYS if k in values}
+    out = {k: values[k] for k in CONFIG_KEYS if k in values}
+    if teacher_given or not out.get("teachers"):  # one teacher: the one named, or the run's teacher:
+        for k in TEACHERS_KEYS:
+            out.pop(k, None)
+    return out
 
 
 #: ``gkd eval --benchmark`` names.
@@ -116,6 +149,9 @@ def run_eval(
     model: str,
     *,
     teacher: str | None = None,
+    teachers: Mapping[str, Any] | None = None,
+    teacher_column: str = "teacher",
+    default_teacher: str | None = None,
     dataset: str = "builtin:addition",
     dataset_format: str = "auto",
     dataset_split: str = "train",
@@ -154,6 +190,12 @@ def run_eval(
     ``benchmark="ifeval"`` evaluates the rows of ``benchmark_data`` instead (:func:`load_benchmark`,
     default length :data:`BENCHMARK_MAX_NEW_TOKENS`). Rows with verifiable instructions are scored on any
     dataset. ``generations``: a JSONL file that receives every completion as soon as it is decoded.
+
+    ``teachers`` (a run's ``teachers:``, with its ``teacher_column`` / ``default_teacher``; ``teacher`` then
+    joins them as ``default``): each row is compared with its own teacher, as training routed it (KLs on
+    the model's own completions and teacher-forced on its teacher's greedy answers); the student's entry
+    gives them overall (token means over all rows) and per teacher under ``teachers``, and each teacher is
+    evaluated on its own rows as ``teacher:<name>``.
     """
     for d in decodings:
         if d not in DECODINGS:
@@ -171,8 +213,12 @@ def run_eval(
         verifiable.registry()  # a missing extra is refused before any model is loaded
     t0 = time.perf_counter()
     student, tokenizer = _load_model_and_tokenizer(model, "model")
-    teacher_model = None
-    if teacher:
+    teacher_model: Any = None
+    teacher_names: dict[str, str] = {"teacher": str(teacher)}  # several teachers: name → model
+    if teachers:
+        teacher_model, teacher_names = load_teachers(teachers, tokenizer, teacher=teacher, teacher_column=teacher_column,
+                                                     default_teacher=default_teacher)
+    elif teacher:
         teacher_model, teacher_tokenizer = _load_model_and_tokenizer(teacher, "teacher")
         check_tokenizers_match(tokenizer, teacher_tokenizer)
     if benchmark is not None:
@@ -189,6 +235,9 @@ def run_eval(
         if max_prompts < 1:
             raise InputError(f"max_prompts={max_prompts} must be >= 1")
         rows = rows[:max_prompts]
+    router = teacher_model if isinstance(teacher_model, TeacherRouter) else None
+    if router is not None:
+        router.check_rows(rows)  # every row names a known teacher (one line naming the row otherwise)
     from gkd import verifiable as ver
 
     num_constrained = ver.check_rows(rows, dataset) if benchmark is None and _verifiable_available(rows) else \
@@ -197,7 +246,6 @@ def run_eval(
         Path(generations).parent.mkdir(parents=True, exist_ok=True)
         Path(generations).write_text("")  # this run's completions only
     writer = _generations_writer(generations, model)
-    teacher_writer = _generations_writer(generations, str(teacher))
     new_tokens = max_new_tokens or (2 * max_digits + 1 if builtin else 64)
     checker = None
     funcs = list(reward_funcs)
@@ -210,17 +258,14 @@ def run_eval(
     rewards = RewardFunctions.from_specs(funcs) if funcs else None
     reference = "dataset"
     teacher_answers: list[str] = []
-    teacher_greedy: EvalResult | None = None
+    teacher_greedy: dict[str, EvalResult] = {}  # "teacher", or with several teachers "teacher:<name>"
     prompt_only = all(r.get("completion") is None for r in rows)
+    keep = generations is not None and teacher_metrics and "greedy" in decodings and prompt_only
     if teacher_model is not None:  # what the teacher itself answers: a reference the student cannot move
-        keep = teacher_writer is not None and teacher_metrics and "greedy" in decodings and prompt_only
-        teacher_greedy = evaluate(
-            teacher_model, tokenizer, rows, reward_funcs=rewards, max_new_tokens=new_tokens,
-            max_prompt_length=max_prompt_length, batch_size=batch_size, num_samples=num_shown, rouge=False,
-            verifiable=benchmark is not None or None,
-            save_generations=(lambda recs: teacher_writer(recs, role="teacher", decoding="greedy"))  # type: ignore[misc]
-            if keep else None)
-        teacher_answers = teacher_greedy.completions
+        teacher_greedy, teacher_answers = _evaluate_teachers(
+            teacher_model, teacher_names, tokenizer, rows, generations if keep else None, "greedy",
+            reward_funcs=rewards, max_new_tokens=new_tokens, max_prompt_length=max_prompt_length,
+            batch_size=batch_size, num_samples=num_shown, rouge=False, verifiable=benchmark is not None or None)
     if any(r.get("completion") is None for r in rows):  # prompt-only rows (on-policy data)
         if teacher_model is None:
             reference = "none"
@@ -235,27 +280,39 @@ def run_eval(
                   max_prompt_length=max_prompt_length, batch_size=batch_size, num_samples=num_shown,
                   verifiable=benchmark is not None or None)
     forced: dict[str, float] = {}
+    forced_per_teacher: dict[str, dict[str, float]] = {}
     if teacher_model is not None:
         answered = [{**row, "completion": answer} for row, answer in zip(rows, teacher_answers, strict=True)]
-        fkl, rkl = teacher_forced_kl(student, teacher_model, tokenizer, answered, max_new_tokens=common["max_new_tokens"],
-                                     max_prompt_length=max_prompt_length, batch_size=batch_size)
-        forced = {"teacher_forced_forward_kl": fkl, "teacher_forced_reverse_kl": rkl}
+        kls = teacher_forced_kls(student, teacher_model, tokenizer, answered, max_new_tokens=common["max_new_tokens"],
+                                 max_prompt_length=max_prompt_length, batch_size=batch_size)
+        forced = {"teacher_forced_forward_kl": kls.forward_kl, "teacher_forced_reverse_kl": kls.reverse_kl}
+        forced_per_teacher = {name: {"teacher_forced_forward_kl": v["forward_kl"],
+                                     "teacher_forced_reverse_kl": v["reverse_kl"]}
+                              for name, v in kls.per_teacher().items()}
     results = []
     for decoding in decodings:
         save = (lambda recs, d=decoding: writer(recs, role="student", decoding=d)) if writer else None  # type: ignore[call-arg]
         r = evaluate(student, tokenizer, rows, teacher=teacher_model, decoding=decoding, save_generations=save, **common)
-        results.append({"model": "student", **r.to_dict(), **forced})
+        entry = {"model": "student", **r.to_dict(), **forced}
+        if router is not None:  # each teacher's rows: KLs on the student's own completions and teacher-forced
+            entry["teachers"] = {name: {**v, **forced_per_teacher.get(name, {})} for name, v in (r.teachers or {}).items()}
+        else:
+            entry.pop("teachers", None)
+        results.append(entry)
         if teacher_model is not None and teacher_metrics:
-            if decoding == "greedy" and reference == "teacher greedy" and teacher_greedy is not None:
-                r = teacher_greedy  # the reference itself: Rouge-L / exact match against itself mean nothing
-                r.accuracy, r.rouge_l = None, None
+            if decoding == "greedy" and reference == "teacher greedy" and teacher_greedy:
+                own = teacher_greedy  # the reference itself: Rouge-L / exact match against itself mean nothing
+                for t in own.values():
+                    t.accuracy, t.rouge_l = None, None
             else:
-                save = (lambda recs, d=decoding: teacher_writer(recs, role="teacher", decoding=d)) \
-                    if teacher_writer else None  # type: ignore[call-arg]
-                r = evaluate(teacher_model, tokenizer, rows, decoding=decoding, save_generations=save, **common)
-            results.append({"model": "teacher", **r.to_dict()})
+                own, _ = _evaluate_teachers(teacher_model, teacher_names, tokenizer, rows, generations, decoding,
+                                            **common)
+            for role, t in own.items():
+                results.append({"model": role, **{k: v for k, v in t.to_dict().items() if k != "teachers"}})
     report = {
         "model": model, "teacher": teacher, "dataset": dataset, "split": split, "num_prompts": len(rows),
+        **({"teachers": teacher_names, "teacher_column": router.column, "default_teacher": router.default}
+           if router is not None else {}),
         "reference": reference,
         "benchmark": benchmark, "num_constrained": num_constrained,
         "generations": str(generations) if generations is not None else None,
@@ -269,6 +326,37 @@ def run_eval(
     }
     report["looping"] = looping_summary(report)
     return report
+
+
+def _evaluate_teachers(teacher: Any, names: Mapping[str, str], tokenizer, rows: list[dict[str, Any]],
+                       generations: str | Path | None, decoding: str, **kw: Any) -> tuple[dict[str, EvalResult], list[str]]:
+    """The teacher's own completions of ``rows`` under ``decoding`` (:func:`gkd.evaluate.evaluate`): one
+    result, ``"teacher"``; with several teachers (a router) one per teacher with rows, ``"teacher:<name>"``,
+    each on its own rows (``names``: teacher name → model, or ``{"teacher": model}`` for one teacher). Also returns each row's (first) completion, in row order; every completion goes
+    to ``generations`` with its index among ``rows``."""
+    if not isinstance(teacher, TeacherRouter):
+        write = _generations_writer(generations, names.get("teacher", ""))
+        save = (lambda recs: write(recs, role="teacher", decoding=decoding)) if write else None  # type: ignore[call-arg]
+        r = evaluate(teacher, tokenizer, rows, decoding=decoding, save_generations=save, **kw)
+        draws = max(1, r.num_completions // max(len(rows), 1))
+        return {"teacher": r}, r.completions[::draws]
+    answers: list[str] = [""] * len(rows)
+    results: dict[str, EvalResult] = {}
+    row_names = teacher.row_names(rows)
+    for name in teacher.names:
+        idx = [i for i, n in enumerate(row_names) if n == name]
+        if not idx:
+            continue
+        write = _generations_writer(generations, names.get(name, name))
+        save = (lambda recs, idx=idx, write=write, name=name: write(  # type: ignore[misc]
+            [{**rec, "index": idx[rec["index"]]} for rec in recs], role=f"teacher:{name}", decoding=decoding)) \
+            if write else None
+        r = evaluate(teacher[name], tokenizer, [rows[i] for i in idx], decoding=decoding, save_generations=save, **kw)
+        results[f"teacher:{name}"] = r
+        draws = max(1, r.num_completions // len(idx))
+        for i, answer in zip(idx, r.completions[::draws], strict=True):
+            answers[i] = answer
+    return results, answers
 
 
 def rescore_generations(generations: str | Path, benchmark: str, benchmark_data: str) -> dict[str, Any]:
@@ -344,6 +432,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"{report['num_prompts']} prompts from {report['dataset']} ({report['split']}); "
                  "KLs are token means on the model's own completions; Rouge-L ×100"
                  + (f" against the {reference} answers." if reference != "none" else "; no references, so no Rouge-L."))
+    lines.extend(_per_teacher_lines(report))
     lines.extend(_verifiable_lines(report))
     lines.extend(_looping_lines(report))
     for r in report["results"]:
@@ -353,6 +442,24 @@ def format_table(report: dict[str, Any]) -> str:
     if report.get("generations"):
         lines.append(f"every completion: {report['generations']}")
     return "\n".join(lines)
+
+
+def _per_teacher_lines(report: dict[str, Any]) -> list[str]:
+    """Several teachers: the student's KLs over each teacher's rows (each row against its own teacher)."""
+    routed = [r for r in report["results"] if r.get("teachers")]
+    if not routed:
+        return []
+    lines = ["", f"Per teacher (rows routed by {report.get('teacher_column', 'teacher')!r}, default "
+                 f"{report.get('default_teacher')!r}; each row against its own teacher):",
+             "| model | decoding | teacher | completions | KL(t‖m) own | KL(m‖t) own | KL(t‖m) teacher's | "
+             "KL(m‖t) teacher's |", "|---|---|---|---|---|---|---|---|"]
+    for r in routed:
+        for name, v in r["teachers"].items():
+            tf_f, tf_r = v.get("teacher_forced_forward_kl"), v.get("teacher_forced_reverse_kl")
+            lines.append(f"| {r['model']} | {r['decoding']} | {name} | {int(v['num_completions'])} | "
+                         f"{v['forward_kl']:.4f} | {v['reverse_kl']:.4f} | "
+                         f"{'-' if tf_f is None else f'{tf_f:.4f}'} | {'-' if tf_r is None else f'{tf_r:.4f}'} |")
+    return lines
 
 
 def _verifiable_lines(report: dict[str, Any]) -> list[str]:

@@ -28,7 +28,7 @@ import torch
 
 from gkd.data import PromptDataset, collate
 from gkd.errors import InputError
-from gkd.losses import forward_kl, log_probs, masked_sum_and_count, reverse_kl
+from gkd.losses import forward_kl, log_probs, reverse_kl
 from gkd.rewards import RewardFn, RewardFunctions
 from gkd.rollout import Rollout, SamplingParams, sample
 from gkd.scorer import completion_logits
@@ -36,8 +36,9 @@ from gkd.teachers import TeacherRouter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DECODINGS", "EvalResult", "eval_shard", "evaluate", "evaluate_in_training", "exact_match",
-           "greedy_completions", "kl_sums", "model_completions", "rouge_l", "sequence_stats", "teacher_forced_kl"]
+__all__ = ["DECODINGS", "EvalResult", "KLTotals", "eval_shard", "evaluate", "evaluate_in_training", "exact_match",
+           "greedy_completions", "kl_row_sums", "kl_sums", "model_completions", "rouge_l", "sequence_stats",
+           "teacher_forced_kl", "teacher_forced_kls"]
 
 #: Decoding modes: ``greedy`` (argmax) or ``sample`` (temperature / top-p / top-k, seeded).
 DECODINGS = ("greedy", "sample")
@@ -61,6 +62,8 @@ class EvalResult:
     repeat_4: float | None = None  # mean share of repeated 4-grams per completion
     no_eos: float | None = None  # share of completions that hit max_new_tokens without EOS
     verifiable: dict[str, Any] | None = None  # IFEval scores of the rows with instruction_id_list (gkd.verifiable)
+    # several teachers: name → {"forward_kl", "reverse_kl", "tokens", "num_completions"} over that teacher's rows
+    teachers: dict[str, dict[str, float]] | None = None
     completions: list[str] = field(default_factory=list, repr=False)  # every decoded completion, in row order
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,7 +180,7 @@ def evaluate(
     dataset = PromptDataset(rows, tokenizer, max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens)
     completions: list[str] = []
     completion_ids: list[list[int]] = []
-    tokens, fkl_sum, rkl_sum = 0.0, 0.0, 0.0
+    kls = KLTotals()
     for start in range(0, len(rows), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(rows)))],
                         tokenizer.pad_token_id)
@@ -190,10 +193,10 @@ def evaluate(
         ids = [rollout.completion_ids[i][rollout.completion_mask[i]].tolist() for i in range(len(batch["rows"]))]
         completion_ids.extend(ids)
         completions.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
-        tokens += float(rollout.completion_mask.sum())
         if teacher is not None:
-            f, r = kl_sums(model, teacher, rollout, vocab)
-            fkl_sum, rkl_sum = fkl_sum + f, rkl_sum + r
+            kls.add(model, teacher, rollout, vocab)
+        else:
+            kls.count(rollout)
     if was_training:
         model.train()
 
@@ -217,6 +220,7 @@ def evaluate(
         if bool(mask.any()):
             rewards["reward"] = float(values[mask].mean())
     n = len(rows)
+    tokens = kls.tokens
     has_kl = teacher is not None and tokens > 0
     samples = []
     for i in range(0, min(n, num_samples * draws), draws):
@@ -229,8 +233,9 @@ def evaluate(
     return EvalResult(
         distinct_2=stats["distinct_2"] / per, repeat_4=stats["repeat_4"] / per, no_eos=stats["no_eos"] / per,
         accuracy=sum(hits) / n if hits is not None and n else None,
-        forward_kl=fkl_sum / tokens if has_kl else None,
-        reverse_kl=rkl_sum / tokens if has_kl else None,
+        forward_kl=kls.forward_kl if has_kl else None,
+        reverse_kl=kls.reverse_kl if has_kl else None,
+        teachers=kls.per_teacher() if has_kl and isinstance(teacher, TeacherRouter) else None,
         completion_len_mean=tokens / max(n, 1),
         samples=samples,
         rouge_l=sum(rouge_l(completions, [r["completion"] for r in rows])) / n if rouge and n else None,
@@ -266,15 +271,16 @@ KL_CHUNK_ELEMENTS = 2**26
 
 
 @torch.no_grad()
-def kl_sums(model: torch.nn.Module, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int,
-            max_elements: int = KL_CHUNK_ELEMENTS) -> tuple[float, float]:
-    """Sums over the completion tokens of ``KL(teacher‖model)`` and ``KL(model‖teacher)``, a few rows at a
-    time so that full-vocabulary logits stay bounded (32 rows × 512 tokens × 49,152 tokens would be 3.2 GB
-    per tensor, and an evaluation with a teacher ran out of 24 GB). A :class:`gkd.teachers.TeacherRouter`
-    scores each row (``rollout.rows``) with its own teacher."""
+def kl_row_sums(model: torch.nn.Module, teacher: torch.nn.Module | TeacherRouter, rollout: Rollout, vocab_size: int,
+                max_elements: int = KL_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``(B,)`` float64: the sums over its completion tokens of ``KL(teacher‖model)`` and
+    ``KL(model‖teacher)``, a few rows at a time so that full-vocabulary logits stay bounded (32 rows × 512
+    tokens × 49,152 tokens would be 3.2 GB per tensor, and an evaluation with a teacher ran out of 24 GB).
+    A :class:`gkd.teachers.TeacherRouter` scores each row (``rollout.rows``) with its own teacher."""
     n, length = rollout.completion_ids.shape
     rows = max(1, max_elements // max(length * vocab_size, 1))
-    fkl = rkl = 0.0
+    fkl = torch.zeros(n, dtype=torch.float64)
+    rkl = torch.zeros(n, dtype=torch.float64)
     for i in range(0, n, rows):
         part = Rollout(rollout.prompt_ids[i:i + rows], rollout.prompt_mask[i:i + rows],
                        rollout.completion_ids[i:i + rows], rollout.completion_mask[i:i + rows],
@@ -282,10 +288,60 @@ def kl_sums(model: torch.nn.Module, teacher: torch.nn.Module, rollout: Rollout, 
         s = log_probs(completion_logits(model, part, vocab_size))
         t = log_probs(teacher.logits(part, vocab_size) if isinstance(teacher, TeacherRouter) else  # teachers: each row's
                       completion_logits(teacher, part, vocab_size))
-        fkl += float(masked_sum_and_count(forward_kl(s, t), part.completion_mask)[0])
-        rkl += float(masked_sum_and_count(reverse_kl(s, t), part.completion_mask)[0])
+        mask = part.completion_mask.to(s.device)
+        fkl[i:i + rows] = (forward_kl(s, t).double() * mask).sum(-1).cpu()
+        rkl[i:i + rows] = (reverse_kl(s, t).double() * mask).sum(-1).cpu()
         del s, t
     return fkl, rkl
+
+
+@torch.no_grad()
+def kl_sums(model: torch.nn.Module, teacher: torch.nn.Module | TeacherRouter, rollout: Rollout, vocab_size: int,
+            max_elements: int = KL_CHUNK_ELEMENTS) -> tuple[float, float]:
+    """Sums over all completion tokens of ``KL(teacher‖model)`` and ``KL(model‖teacher)``
+    (:func:`kl_row_sums`)."""
+    fkl, rkl = kl_row_sums(model, teacher, rollout, vocab_size, max_elements)
+    return float(fkl.sum()), float(rkl.sum())
+
+
+class KLTotals:
+    """Token sums of ``KL(teacher‖model)`` and ``KL(model‖teacher)`` over rollouts, overall and, with several
+    teachers (a :class:`gkd.teachers.TeacherRouter`), per teacher over the rows routed to it."""
+
+    def __init__(self) -> None:
+        self.fkl = self.rkl = self.tokens = 0.0
+        self.by_teacher: dict[str, list[float]] = {}  # name → [Σ forward, Σ reverse, tokens, rows]
+
+    def count(self, rollout: Rollout) -> None:
+        """Only the tokens (no teacher)."""
+        self.tokens += float(rollout.completion_mask.sum())
+
+    def add(self, model: torch.nn.Module, teacher: torch.nn.Module | TeacherRouter, rollout: Rollout,
+            vocab_size: int) -> None:
+        fkl, rkl = kl_row_sums(model, teacher, rollout, vocab_size)
+        tokens = rollout.completion_mask.sum(-1).double().cpu()
+        self.fkl, self.rkl, self.tokens = self.fkl + float(fkl.sum()), self.rkl + float(rkl.sum()), \
+            self.tokens + float(tokens.sum())
+        if isinstance(teacher, TeacherRouter):
+            for i, name in enumerate(teacher.row_names(rollout.rows, fkl.shape[0])):
+                acc = self.by_teacher.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+                acc[0] += float(fkl[i])
+                acc[1] += float(rkl[i])
+                acc[2] += float(tokens[i])
+                acc[3] += 1.0
+
+    @property
+    def forward_kl(self) -> float:
+        return self.fkl / max(self.tokens, 1.0)
+
+    @property
+    def reverse_kl(self) -> float:
+        return self.rkl / max(self.tokens, 1.0)
+
+    def per_teacher(self) -> dict[str, dict[str, float]]:
+        """name → token means over that teacher's rows, its tokens and rows (teachers with rows only)."""
+        return {name: {"forward_kl": f / max(t, 1.0), "reverse_kl": r / max(t, 1.0), "tokens": t,
+                       "num_completions": n} for name, (f, r, t, n) in self.by_teacher.items()}
 
 
 def greedy_completions(model: torch.nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int,
@@ -318,24 +374,32 @@ def model_completions(model: torch.nn.Module, tokenizer, rows: Sequence[Mapping[
 
 
 @torch.no_grad()
-def teacher_forced_kl(model: torch.nn.Module, teacher: torch.nn.Module, tokenizer, rows: Sequence[Mapping[str, Any]], *,
-                      max_new_tokens: int, max_prompt_length: int, batch_size: int) -> tuple[float, float]:
+def teacher_forced_kl(model: torch.nn.Module, teacher: torch.nn.Module | TeacherRouter, tokenizer,
+                      rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int, max_prompt_length: int,
+                      batch_size: int) -> tuple[float, float]:
     """Token means of ``KL(teacher‖model)`` and ``KL(model‖teacher)`` on given completions (the rows'
     ``completion``, here the teacher's own answers), teacher-forced: unlike the KLs on the model's own
     samples, a model cannot lower these by repeating itself."""
+    kls = teacher_forced_kls(model, teacher, tokenizer, rows, max_new_tokens=max_new_tokens,
+                             max_prompt_length=max_prompt_length, batch_size=batch_size)
+    return kls.forward_kl, kls.reverse_kl
+
+
+@torch.no_grad()
+def teacher_forced_kls(model: torch.nn.Module, teacher: torch.nn.Module | TeacherRouter, tokenizer,
+                       rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int, max_prompt_length: int,
+                       batch_size: int) -> KLTotals:
+    """:func:`teacher_forced_kl` as :class:`KLTotals` (per teacher too, with several teachers)."""
     from gkd.data import reference_rollout
 
     device = next(model.parameters()).device
     dataset = PromptDataset([dict(r) for r in rows], tokenizer, max_prompt_length=max_prompt_length,
                             max_new_tokens=max_new_tokens)
-    fkl = rkl = tokens = 0.0
+    kls = KLTotals()
     for start in range(0, len(rows), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(rows)))], tokenizer.pad_token_id)
-        rollout = reference_rollout(batch).to(device)
-        f, r = kl_sums(model, teacher, rollout, len(tokenizer))
-        fkl, rkl = fkl + f, rkl + r
-        tokens += float(rollout.completion_mask.sum())
-    return fkl / max(tokens, 1.0), rkl / max(tokens, 1.0)
+        kls.add(model, teacher, reference_rollout(batch).to(device), len(tokenizer))
+    return kls
 
 
 def eval_shard(rows: list[dict[str, Any]], eval_prompts: int, process_index: int, num_processes: int,
@@ -356,7 +420,9 @@ def evaluate_in_training(student: torch.nn.Module, tokenizer, rows: list[dict[st
     """Greedy held-out evaluation of the student during training (``eval_steps``) on this process's
     ``rows``, summed over processes: ``eval_accuracy``, ``eval_rouge_l``, ``eval_forward_kl`` /
     ``eval_reverse_kl`` (teacher vs student on the student's completions, per token) and ``eval_len``
-    (tokens per completion)."""
+    (tokens per completion). With several teachers (a :class:`gkd.teachers.TeacherRouter`) each row's KLs
+    are against its own teacher, and ``eval_forward_kl/<name>`` / ``eval_reverse_kl/<name>`` are the token
+    means over each teacher's rows (all processes; a teacher without held-out rows is left out)."""
     from gkd import distributed
 
     checker = None
@@ -382,15 +448,26 @@ def evaluate_in_training(student: torch.nn.Module, tokenizer, rows: list[dict[st
               scores.get("prompt_loose", 0.0) * scores.get("num_prompts", 0), float(scores.get("num_instructions", 0)),
               scores.get("instruction_strict", 0.0) * scores.get("num_instructions", 0),
               scores.get("instruction_loose", 0.0) * scores.get("num_instructions", 0)]
+    # several teachers: [tokens, Σ forward, Σ reverse] of each teacher's rows, in the router's order on every rank
+    names = list(teacher.names) if isinstance(teacher, TeacherRouter) else []
+    per_teacher = r.teachers or {}
+    routed = [x for name in names for x in (
+        (per_teacher[name]["tokens"], per_teacher[name]["forward_kl"] * per_teacher[name]["tokens"],
+         per_teacher[name]["reverse_kl"] * per_teacher[name]["tokens"]) if name in per_teacher else (0.0, 0.0, 0.0))]
     total_n, total_tokens, *sums = distributed.all_reduce_sum(torch.tensor(
-        [n, tokens, *ifeval, *(v * (tokens if per_token else n) for _, v, per_token in parts)],
+        [n, tokens, *ifeval, *routed, *(v * (tokens if per_token else n) for _, v, per_token in parts)],
         dtype=torch.float64)).tolist()
     (prompts, p_strict, p_loose, instructions, i_strict, i_loose), sums = sums[:6], sums[6:]
+    routed, sums = sums[:len(routed)], sums[len(routed):]
     out = {k: total / (max(total_tokens, 1.0) if per_token else total_n)
            for (k, _, per_token), total in zip(parts, sums, strict=True)}
     if prompts > 0:
         out.update(eval_ifeval_prompt_strict=p_strict / prompts, eval_ifeval_prompt_loose=p_loose / prompts,
                    eval_ifeval_instruction_strict=i_strict / instructions,
                    eval_ifeval_instruction_loose=i_loose / instructions, eval_ifeval_prompts=prompts)
+    for j, name in enumerate(names):
+        teacher_tokens, fkl, rkl = routed[3 * j:3 * j + 3]
+        if teacher_tokens > 0:
+            out[f"eval_forward_kl/{name}"], out[f"eval_reverse_kl/{name}"] = fkl / teacher_tokens, rkl / teacher_tokens
     out.update(eval_len=total_tokens / total_n, time_eval=time.perf_counter() - start)
     return out
