@@ -322,13 +322,15 @@ class TeacherRouter:
 def load_router(cfg: GKDConfig, acc: Accelerator, tokenizer: Any,
                 given: Mapping[str, torch.nn.Module] | None = None) -> TeacherRouter:
     """The run's teachers (``cfg.teachers``), each loaded once: the models in ``given`` (Python API) as they
-    are, the rest from their specs (local: tokenizer checked against the student's; served: connected,
+    are (every local teacher; served ones may be left out), the rest from their specs (local: tokenizer checked against the student's; served: connected,
     the server's tokenizer checked), frozen in eval mode."""
     specs = teacher_specs(cfg)
     given = dict(given or {})
-    if given and set(given) != set(specs):
+    # teachers= passes every local teacher (a served one may be left to its URL, or passed as a client)
+    missing = {name for name, spec in specs.items() if name not in given and not spec.served}
+    if given and (set(given) - set(specs) or missing):
         raise ConfigError(f"teachers= passes {', '.join(sorted(given))} but the config's teachers name "
-                          f"{', '.join(specs) or 'none'}; name the same teachers in both")
+                          f"{', '.join(specs) or 'none'}; name the same teachers in both (served ones may be left out)")
     paths: dict[str, str] = {}
     with acc.main_process_first():  # one process fills the caches (converted, built-in models) first
         for name, spec in specs.items():
