@@ -219,7 +219,7 @@ def _fill(overrides: dict[str, Any], plan: Plan) -> dict[str, Any]:
     return {k: (plan.steps // 2 if v == "{half}" else v) for k, v in overrides.items()}
 
 
-def run(plan: Plan, methods: list[Method], work: Path) -> None:
+def run(plan: Plan, methods: list[Method], work: Path, jobs: list[tuple[str, int]] | None = None) -> None:
     """Train and evaluate each method × seed not yet in ``runs.jsonl``; append each result at once."""
     import torch
 
@@ -286,46 +286,48 @@ def run(plan: Plan, methods: list[Method], work: Path) -> None:
         ref_lock.unlink(missing_ok=True)
         print(f"teacher/init evaluated in {2 * ref['eval_time_s']:.0f}s: init Rouge-L {ref['init']['rouge_l']:.1f}, "
               f"tf KL(t‖s) {ref['init']['tf_fkl_greedy']:.2f}", flush=True)
-    for seed in plan.seeds:
-        for m in methods:
-            started = work / f"{m.key}-s{seed}.started"  # a sweep beside this one has taken it
-            if (m.key, seed) in {(r["method"], r["seed"]) for r in _read_runs(done_path)} or started.exists():
-                print(f"skip {m.key} seed {seed} (in {done_path})", flush=True)
-                continue
-            started.touch()
-            start, first_time, first = init, 0.0, []
-            steps = plan.steps
-            if m.init == "kd":
-                start, first_time, first = kd_first(seed)
-                steps = plan.steps - plan.steps // 2
-            cfg = config(seed, work / f"{m.key}-s{seed}", student=start, steps=steps, **_fill(m.overrides, plan))
-            t0 = time.perf_counter()
-            trainer = GKDTrainer(cfg, tokenizer=tokenizer, teacher=teacher)
-            history = first + trainer.train()
-            train_time = first_time + time.perf_counter() - t0
-            t0 = time.perf_counter()
-            metrics = evaluator(trainer.accelerator.unwrap_model(trainer.student))
-            record = {
-                "method": m.key, "seed": seed, "train_time_s": train_time, "eval_time_s": time.perf_counter() - t0,
-                "steps": len(history), "on_policy_steps": int(sum(h.get("on_policy", 0) for h in history)),
-                "sampled_tokens": float(sum(h.get("completion_len_mean", 0.0) * plan.batch for h in history)),
-                "train_loss_first": history[0].get("loss") if history else None,
-                "train_loss_last": history[-1].get("loss") if history else None,
-                "sample_distinct_2_last": _last(history, "sample_distinct_2"),
-                "sample_repeat_4_last": _last(history, "sample_repeat_4"),
-                "skd_replaced_mean": _mean(history, "skd_replaced"), "lmbda_last": _last(history, "lmbda"),
-                "onpolicy_rkl_last": _last(history, "onpolicy_rkl"),
-                "onpolicy_topk_overlap_last": _last(history, "onpolicy_topk_overlap"),
-                **metrics,
-            }
-            with done_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"seed {seed} {m.key:10s} tf KL(t‖s) {metrics['tf_fkl_greedy']:.2f} KL(s‖t) "
-                  f"{metrics['tf_rkl_greedy']:.2f}  Rouge-L {metrics['rouge_l']:.1f}  distinct-2 "
-                  f"{metrics['distinct_2']:.2f}  repeat-4 {metrics['repeat_4']:.2f}  train {train_time:.0f}s  "
-                  f"| {metrics['samples'][0]['completion'][:60]!r}", flush=True)
-            del trainer
-            torch.manual_seed(0)
+    by_key = {m.key: m for m in METHODS}
+    order = ([(by_key[k], seed) for k, seed in jobs] if jobs
+             else [(m, seed) for seed in plan.seeds for m in methods])
+    for m, seed in order:
+        started = work / f"{m.key}-s{seed}.started"  # a sweep beside this one has taken it
+        if (m.key, seed) in {(r["method"], r["seed"]) for r in _read_runs(done_path)} or started.exists():
+            print(f"skip {m.key} seed {seed} (in {done_path})", flush=True)
+            continue
+        started.touch()
+        start, first_time, first = init, 0.0, []
+        steps = plan.steps
+        if m.init == "kd":
+            start, first_time, first = kd_first(seed)
+            steps = plan.steps - plan.steps // 2
+        cfg = config(seed, work / f"{m.key}-s{seed}", student=start, steps=steps, **_fill(m.overrides, plan))
+        t0 = time.perf_counter()
+        trainer = GKDTrainer(cfg, tokenizer=tokenizer, teacher=teacher)
+        history = first + trainer.train()
+        train_time = first_time + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics = evaluator(trainer.accelerator.unwrap_model(trainer.student))
+        record = {
+            "method": m.key, "seed": seed, "train_time_s": train_time, "eval_time_s": time.perf_counter() - t0,
+            "steps": len(history), "on_policy_steps": int(sum(h.get("on_policy", 0) for h in history)),
+            "sampled_tokens": float(sum(h.get("completion_len_mean", 0.0) * plan.batch for h in history)),
+            "train_loss_first": history[0].get("loss") if history else None,
+            "train_loss_last": history[-1].get("loss") if history else None,
+            "sample_distinct_2_last": _last(history, "sample_distinct_2"),
+            "sample_repeat_4_last": _last(history, "sample_repeat_4"),
+            "skd_replaced_mean": _mean(history, "skd_replaced"), "lmbda_last": _last(history, "lmbda"),
+            "onpolicy_rkl_last": _last(history, "onpolicy_rkl"),
+            "onpolicy_topk_overlap_last": _last(history, "onpolicy_topk_overlap"),
+            **metrics,
+        }
+        with done_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"seed {seed} {m.key:10s} tf KL(t‖s) {metrics['tf_fkl_greedy']:.2f} KL(s‖t) "
+              f"{metrics['tf_rkl_greedy']:.2f}  Rouge-L {metrics['rouge_l']:.1f}  distinct-2 "
+              f"{metrics['distinct_2']:.2f}  repeat-4 {metrics['repeat_4']:.2f}  train {train_time:.0f}s  "
+              f"| {metrics['samples'][0]['completion'][:60]!r}", flush=True)
+        del trainer
+        torch.manual_seed(0)
 
 
 def evaluate_model(plan: Plan, model: str) -> dict[str, Any]:
@@ -493,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=[m.key for m in METHODS], help="subset of arms (default all)")
     parser.add_argument("--work-dir", help="runs + runs.jsonl (default runs/experiments-smollm2[-quick])")
     parser.add_argument("--out-dir", help="where results_smollm2.json/png and results.md go (default docs/)")
+    parser.add_argument("--jobs", nargs="+", metavar="ARM:SEED",
+                        help="explicit (arm, seed) runs in this priority order (instead of --methods × --seeds)")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from runs.jsonl")
     parser.add_argument("--threads", type=int, help="torch threads of this process (two sweeps side by side: 1 each)")
     parser.add_argument("--max-new-tokens", type=int, help="completion length in training and evaluation (default 32; "
@@ -524,8 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate:
         print(json.dumps(evaluate_model(plan, args.evaluate), indent=1))
         return 0
+    jobs = None
+    if args.jobs:
+        keys = {m.key for m in METHODS}
+        jobs = [(j.split(":")[0], int(j.split(":")[1])) for j in args.jobs]
+        if bad := [k for k, _ in jobs if k not in keys]:
+            parser.error(f"--jobs: unknown arm(s) {bad}")
     if not args.report:
-        run(plan, methods, work)
+        run(plan, methods, work, jobs)
     if (work / "runs.jsonl").exists():
         print(report(work, out_dir, "python benchmarks/experiments_smollm2.py" + (" --quick" if plan.quick else "")))
     return 0
