@@ -372,7 +372,8 @@ COLUMNS = [
     ("own_fkl", "KL(t‖s) own", 2), ("own_rkl", "KL(s‖t) own", 2),
     ("rouge_l", "Rouge-L", 1), ("distinct_2", "distinct-2", 2), ("repeat_4", "repeat-4", 2),
     ("distinct_2_sampled", "distinct-2 s", 2), ("repeat_4_sampled", "repeat-4 s", 2), ("no_eos", "no EOS", 2),
-    ("arith_em", "arith EM", 2), ("if_prompt_strict", "IF prompt", 2), ("if_instr_loose", "IF instr. loose", 2),
+    ("arith_em", "arith EM", 2), ("if_prompt_strict", "IF prompt", 2), ("if_instr_strict", "IF instr.", 2),
+    ("if_instr_loose", "IF instr. loose", 2),
     ("own_rkl_sampled", "KL(s‖t) own-s", 2),
 ]
 
@@ -399,18 +400,20 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def table(agg: dict[str, dict[str, Any]], ref: dict[str, Any]) -> str:
-    head = "| arm | seeds | " + " | ".join(c[1] for c in COLUMNS) + " | train s |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    # columns no arm measured (e.g. the tf-s KLs of a --no-tf-sampled sweep) are left out
+    columns = [c for c in COLUMNS if any(row[c[0]] is not None for row in agg.values())] if agg else COLUMNS
+    head = "| arm | seeds | " + " | ".join(c[1] for c in columns) + " | train s |"
+    lines = [head, "|" + "---|" * (len(columns) + 3)]
 
     def single(name: str, metrics: dict[str, Any]) -> str:
-        cells = [("—" if metrics.get(k) is None else f"{metrics[k]:.{d}f}") for k, _, d in COLUMNS]
+        cells = [("—" if metrics.get(k) is None else f"{metrics[k]:.{d}f}") for k, _, d in columns]
         return f"| {name} | — | " + " | ".join(cells) + " | — |"
 
     lines.append(single("teacher (reference)", ref["teacher"]))
     lines.append(single("pruned student as built (step 0)", ref["init"]))
     for row in agg.values():
         cells = []
-        for key, _, d in COLUMNS:
+        for key, _, d in columns:
             v = row[key]
             cells.append("—" if v is None else (f"{v[0]:.{d}f} ± {v[1]:.{d}f}" if len(row["seeds"]) > 1
                                                   else f"{v[0]:.{d}f}"))
@@ -454,15 +457,16 @@ def _question(prompt: str) -> str:
     return (m.group(1) if m else prompt).strip()
 
 
-def report(work: Path, out_dir: Path, command: str) -> str:
+def report(work: Path, out_dir: Path, command: str, section_name: str = "smollm2") -> str:
     """Write the JSON, the plot and the markdown section; returns the table."""
     runs = _read_runs(work / "runs.jsonl")
     ref = json.loads((work / "reference.json").read_text())
     agg = aggregate(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results_smollm2.json").write_text(json.dumps({"reference": ref, "aggregate": agg, "runs": runs},
-                                                             indent=1))
-    plot(agg, ref, out_dir / "results_smollm2.png")
+    stem = "results_smollm2" if section_name == "smollm2" else f"results_{section_name}"
+    png = f"{stem}.png"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"reference": ref, "aggregate": agg, "runs": runs}, indent=1))
+    plot(agg, ref, out_dir / png)
     text = table(agg, ref)
     samples = []
     for key, row in agg.items():
@@ -477,10 +481,12 @@ def report(work: Path, out_dir: Path, command: str) -> str:
         text, "", "![held-out metrics per arm](results_smollm2.png)", "", "Greedy answers, first seed:", "",
         *samples, "", END,
     ])
+    start, end = f"<!-- {section_name}:start -->", f"<!-- {section_name}:end -->"
+    section = section.replace(START, start).replace(END, end).replace("results_smollm2.png", png)
     target = out_dir / "results.md"
     body = target.read_text() if target.exists() else ""
-    if START in body and END in body:
-        body = body[: body.index(START)] + section + body[body.index(END) + len(END):]
+    if start in body and end in body:
+        body = body[: body.index(start)] + section + body[body.index(end) + len(end):]
     else:
         body = body.rstrip() + "\n\n" + section + "\n"
     target.write_text(body)
@@ -497,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", help="where results_smollm2.json/png and results.md go (default docs/)")
     parser.add_argument("--jobs", nargs="+", metavar="ARM:SEED",
                         help="explicit (arm, seed) runs in this priority order (instead of --methods × --seeds)")
+    parser.add_argument("--section", default="smollm2",
+                        help="name of the marked section of results.md (and results_<name>.json/png) --report writes")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from runs.jsonl")
     parser.add_argument("--threads", type=int, help="torch threads of this process (two sweeps side by side: 1 each)")
     parser.add_argument("--max-new-tokens", type=int, help="completion length in training and evaluation (default 32; "
@@ -537,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         run(plan, methods, work, jobs)
     if (work / "runs.jsonl").exists():
-        print(report(work, out_dir, "python benchmarks/experiments_smollm2.py" + (" --quick" if plan.quick else "")))
+        print(report(work, out_dir, "python benchmarks/experiments_smollm2.py" + (" --quick" if plan.quick else ""),
+                     args.section))
     return 0
 
 
