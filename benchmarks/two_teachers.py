@@ -68,7 +68,7 @@ class Plan:
     batch: int | None = None
     max_new_tokens: int | None = None
     arith_eval: int = 99  # held-out problems (all)
-    arith_tokens: int = 48  # room for the generalist's longer answers to reach their result
+    arith_tokens: int = 40  # room for the generalist's longer answers to reach their result (~27 tokens)
     chat_eval: int = 64  # held-out chat rows (all)
     eval_batch: int = 64
 
@@ -156,13 +156,14 @@ def arm_config(plan: Plan, work: Path, arm: str, specialist: str):
     return _config(RECIPE, **changes)
 
 
-def distill(plan: Plan, work: Path, arm: str, specialist: str) -> dict[str, Any]:
-    """Phase 2: one arm, unless its ``run.json`` is there."""
-    cfg = arm_config(plan, work, arm, specialist)
+def distill(plan: Plan, work: Path, arm: str, specialist: dict[str, Any]) -> dict[str, Any]:
+    """Phase 2: one arm, unless its ``run.json`` is there for the same settings (and specialist)."""
+    cfg = arm_config(plan, work, arm, specialist["path"])
+    specialist_made = {"settings": specialist["settings"], "seconds": specialist["seconds"]}
     done = work / arm / "run.json"
     key = {"max_steps": cfg.max_steps, "per_device_batch_size": cfg.per_device_batch_size,
            "max_new_tokens": cfg.max_new_tokens, "teachers": cfg.teachers, "teacher": cfg.teacher,
-           "data_md5": _md5(Path(cfg.dataset))}
+           "data_md5": _md5(Path(cfg.dataset)), **({"specialist": specialist_made} if arm == "both" else {})}
     if done.is_file() and json.loads(done.read_text()).get("key") == key:
         info = json.loads(done.read_text())
         print(f"[{arm}] present ({info['seconds']:.0f}s); skipped", flush=True)
@@ -351,12 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--work-dir", type=Path, help="runs and models (default runs/two-teachers, "
                                                       "--quick: runs/two-teachers-quick)")
+    parser.add_argument("--specialist-steps", type=int, help="SFT steps of the specialist (default: its recipe's)")
+    parser.add_argument("--steps", type=int, help="distillation steps of each student (default: the recipe's)")
     args = parser.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = Plan.quick() if args.quick else Plan()
+    plan.specialist_steps = args.specialist_steps or plan.specialist_steps
+    plan.steps = args.steps or plan.steps
     work = (args.work_dir or ROOT / "runs" / ("two-teachers-quick" if args.quick else "two-teachers")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     docs, out_json = ROOT / "docs" / "results.md", ROOT / "docs" / "results_two_teachers.json"
@@ -371,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for arm in ARMS:
         t0 = time.perf_counter()
-        runs[arm] = distill(plan, work, arm, spec["path"])
+        runs[arm] = distill(plan, work, arm, spec)
         timing[f"distill_{arm}_phase"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ev = evaluate_all(plan, work, spec["path"])

@@ -21,10 +21,15 @@ Several teachers in one run (routing; docs/concepts.md, "Several teachers"): eac
 in `teacher_column`, and rows without it go to `default_teacher`:
 
 ```yaml
-teachers: {general: builtin:smollm2-135m-instruct, math: runs/math-specialist/final}
+teachers: {general: builtin:smollm2-135m-instruct, arith: runs/two-teachers/arith-specialist/final}
 default_teacher: general
-# a row: {"prompt": "12+30=", "completion": "42", "teacher": "math"}
+# a row: {"messages": [{"role": "user", "content": "What is 737 + 361?"}], "teacher": "arith"}
 ```
+
+A worked example: `recipes/smollm2-135m-two-teachers.yaml` (a pruned SmolLM2 distilled from SmolLM2-135M-Instruct
+and an arithmetic specialist made from it by `recipes/smollm2-135m-arith-specialist.yaml`); the whole
+comparison with the generalist alone: `python benchmarks/two_teachers.py` (docs/results.md, "Two teachers in one
+run").
 
 Each local teacher is loaded once (memory: the sum of their weights); one that does not fit goes in
 another process with `gkd serve-teacher` and is named by its URL (`remote: http://host:8000`).
