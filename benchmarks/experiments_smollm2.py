@@ -105,6 +105,11 @@ METHODS = [
            {"lmbda": 1.0, "divergence": "sampled_reverse_kl", **PAIRS}, init="kd"),
     Method("kd_lowtemp", "KD first, then on-policy GKD JSD(0.5) sampled at T=0.3 (near the greedy decoding that "
            "loops), 2 samples × 2 prompts", {"lmbda": 1.0, "temperature": 0.3, **JSD, **PAIRS}, init="kd"),
+    Method("kd_reward", "KD first, then on-policy GKD JSD(0.5) at T=0.7 + reward term α=0.5 (no-loops + IFEval "
+           "compliance, recipes/rewards/heal.py; group baseline), 2 samples × 2 prompts",
+           {"lmbda": 1.0, "temperature": 0.7, **JSD, **PAIRS, "alpha": 0.5, "reward_baseline": "group",
+            "reward_funcs": [f"{ROOT}/recipes/rewards/heal.py:no_loops",
+                             f"{ROOT}/recipes/rewards/heal.py:follows_instructions"]}, init="kd"),
 ]
 
 
