@@ -36,3 +36,17 @@ def tiny_model(tokenizer, model_type: str = "llama", hidden: int = 32, layers: i
         cfg.vocab_size = vocab
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def capture_step_grads(monkeypatch) -> list[dict[int, torch.Tensor]]:
+    """Record, at every ``AdamW.step``, a copy of each parameter's gradient keyed by ``id(param)``."""
+    captured: list[dict[int, torch.Tensor]] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        captured.append({id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                         if p.grad is not None})
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return captured

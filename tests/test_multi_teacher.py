@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import capture_step_grads, tiny_model
 
 from gkd.cli import main
 from gkd.config import GKDConfig
@@ -68,15 +68,7 @@ def test_mixed_batch_step_equals_each_row_with_its_own_teacher(tokenizer, tmp_pa
     for name, t in teachers.items():  # how often, and on how many rows, each teacher runs
         t.register_forward_hook(lambda m, args, kwargs, out, name=name: calls[name].append(kwargs["input_ids"].shape[0]),
                                 with_kwargs=True)
-    captured: list[dict[int, torch.Tensor]] = []
-    real_step = torch.optim.AdamW.step
-
-    def recording_step(self, *args, **kwargs):
-        captured.append({id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
-                         if p.grad is not None})
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    captured = capture_step_grads(monkeypatch)
     trainer = GKDTrainer(_config(tmp_path), student=student, teachers=teachers, tokenizer=tokenizer, train_rows=ROWS)
     names = {id(p): n for n, p in trainer.accelerator.unwrap_model(trainer.student).named_parameters()}
     (metrics,) = trainer.train()

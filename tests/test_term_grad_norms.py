@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import capture_step_grads, tiny_model
 
 from gkd.config import GKDConfig
 from gkd.losses import generalized_jsd
@@ -26,15 +26,7 @@ def _run(tokenizer, tmp_path, monkeypatch, name: str, **overrides):
 
     student = tiny_model(tokenizer, model_type="qwen2", hidden=32, seed=11)
     teacher = tiny_model(tokenizer, hidden=64, seed=12)
-    captured: list[dict[int, torch.Tensor]] = []
-    real_step = torch.optim.AdamW.step
-
-    def recording_step(self, *args, **kwargs):
-        captured.append({id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
-                         if p.grad is not None})
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    captured = capture_step_grads(monkeypatch)
     fields = dict(teacher="unused", student="unused", dataset="unused", per_device_batch_size=4, max_steps=1,
                   max_grad_norm=1e9, max_new_tokens=6, output_dir=str(tmp_path / name), progress_bar=False,
                   save_final_model=False, seed=3, log_samples_steps=0)
