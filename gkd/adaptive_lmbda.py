@@ -70,10 +70,11 @@ class AdaptiveLambda:
 
 
 @torch.no_grad()
-def validation_loss(student: torch.nn.Module, teacher: Any, batches: list[Any], vocab_size: int, *, topk: int,
+def validation_loss(student: torch.nn.Module, teacher: Any, batches: list[Any], vocab_size: int, *, topk: Any,
                     chunk_size: int, all_reduce_sum: Any) -> float:
     """Token mean of ``KL(p‖q)`` (τ = 1) over the rollouts in ``batches`` (this rank's share), summed over
-    ranks by ``all_reduce_sum``; the student and teacher forwards are teacher-forced, no gradient."""
+    ranks by ``all_reduce_sum``; the student and teacher forwards are teacher-forced, no gradient. ``topk``:
+    the teacher's k (``teachers:``: a mapping, each teacher's own)."""
     from gkd.losses import distillation_loss_per_token, masked_sum_and_count
     from gkd.scorer import completion_logits, score
 

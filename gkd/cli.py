@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser(
         "cache-teacher", help="score a recipe's reference completions with its teacher once, for teacher_cache",
         description="Writes the teacher's top-k log-probs (teacher_topk, at loss_temperature) with the tail bucket "
-                    "and the reference token's log-prob for every training row into teacher_cache; training with "
+                    "and the reference token's log-prob for every training row into teacher_cache (with teachers:, each "
+                    "row by its own teacher, at that teacher's topk and temperature); training with "
                     "the same recipe then reads them on off-policy steps instead of running the teacher.")
     cache.add_argument("recipe", help="YAML recipe (teacher, dataset, teacher_topk, teacher_cache)")
     cache.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher_cache=runs/cache")

@@ -55,7 +55,7 @@ class GKDConfig:
     student: str = _f("", "Student to train: Hugging Face id, local folder, a .gguf file, builtin:smollm2-135m-instruct or builtin:tiny-student (its tokenizer is used). May be empty with student_init.")
     teacher_gguf_file: str = _f("", "GGUF file inside the `teacher` folder (transformers' gguf_file=; dequantized to float once and cached; needs `pip install gguf`).")
     student_gguf_file: str = _f("", "GGUF file inside the `student` folder (as teacher_gguf_file).")
-    student_init: dict = _f({}, "Make the student from a bigger model by keeping some of its layers: {from: teacher | student | PATH, num_layers: N} (N evenly spaced layers, first and last kept) or {from: ..., keep_layers: [0, 3, ...]}; built once into output_dir/student-init/ (with the tokenizer), which resumes and LoRA merges reuse. `from` defaults to teacher.")
+    student_init: dict = _f({}, "Make the student from a bigger model by keeping some of its layers: {from: teacher | student | PATH, num_layers: N} (N evenly spaced layers, first and last kept) or {from: ..., keep_layers: [0, 3, ...]}; built once into output_dir/student-init/ (with the tokenizer), which resumes and LoRA merges reuse. `from` defaults to teacher (with teachers:, the default teacher, which must be local); from: teacher or PATH needs no student: (the model and its tokenizer come from there).")
     dataset: str = _f("builtin:addition", "Training prompts: 'builtin:addition' (the built-in task), a local .jsonl/.json/.parquet/.csv file, or a datasets hub name.")
     dataset_split: str = _f("train", "Split to load when dataset is a datasets hub name.")
     dataset_format: str = _f("auto", "Row format: 'prompt_completion' (TRL's: prompt as text or chat messages, completion as text, messages or absent), 'messages' (chat; a last assistant turn is the reference, a last user turn makes a prompt-only row), 'dolly' ({instruction, context, response}, Alpaca template), 'text' ({text}: all completion, for lm_dataset) or 'auto' (detected per row). Prompt-only rows work for on-policy steps only. See docs/quickstart.md.")
@@ -67,7 +67,7 @@ class GKDConfig:
     validation_size: float = _f(0.0, "Hold out part of a dataset file as the validation split: a share in (0, 1) or a whole number of rows (0: train on all). Training uses the rest; `gkd eval --split validation` evaluates on it. builtin:addition always holds out its own 512 problems.")
     split_seed: int = _f(0, "Seed of the train/validation split (separate from seed, so runs with different seeds share one validation set).")
     max_response_length: int = _f(0, "Length filter: drop rows whose reference response is longer than this many tokens (0: keep all; longer references are cut at max_new_tokens). Prompts over max_prompt_length are dropped with long_prompts=skip. Counts are logged.")
-    teachers: dict[str, Any] | None = _f(None, "Several teachers in one run: {name: model, ...}, each model anything teacher: takes (hub id, folder, .gguf file, builtin:…, http://… for gkd serve-teacher / vLLM), or a mapping {model: ..., gguf_file, dtype, quantization, api_key_env, timeout} where a teacher's loading settings differ from the teacher_* fields. Each row goes to the teacher its teacher_column names (rows without it: default_teacher), in scoring, SeqKD samples, MiniLLM's teacher-mixed sampling, SKD, the LM loss's KD share, samples.jsonl, eval_steps KLs (also per teacher: eval_forward_kl/<name>) and gkd eval (KLs overall and per teacher); a micro-batch is split by teacher, one forward per teacher. Local teachers are loaded once each (memory: the sum of them; serve the ones that do not fit with gkd serve-teacher). With teacher: as well, that model joins as the teacher named 'default'. Logged per teacher: loss/<name>, rows/<name>. teacher_topk, loss_temperature apply to all; teacher_cache holds each row as its own teacher scores it, under one fingerprint per teacher (local teachers only); not with hidden / attention objectives (docs/concepts.md, Several teachers). Empty (null): one teacher, teacher:.")
+    teachers: dict[str, Any] | None = _f(None, "Several teachers in one run: {name: model, ...}, each model anything teacher: takes (hub id, folder, .gguf file, builtin:…, http://… for gkd serve-teacher / vLLM), or a mapping {model: ..., gguf_file, dtype, quantization, api_key_env, timeout, topk, temperature} where a teacher's settings differ from the teacher_* fields: topk is that teacher's teacher_topk (e.g. 20 for a vLLM server beside local teachers at 64, or 0 for a local one at full vocabulary; teachers of different k share a micro-batch exactly: narrower views padded with empty buckets of probability 0, a topk-0 teacher's logits as the exact k = V view), temperature its rows' loss τ instead of loss_temperature (both models' logits; not with a loss_temperature schedule). Each row goes to the teacher its teacher_column names (rows without it: default_teacher), in scoring, SeqKD samples, MiniLLM's teacher-mixed sampling, SKD, the LM loss's KD share, samples.jsonl, eval_steps KLs (also per teacher: eval_forward_kl/<name>) and gkd eval (KLs overall and per teacher); a micro-batch is split by teacher, one forward per teacher. Local teachers are loaded once each (memory: the sum of them; serve the ones that do not fit with gkd serve-teacher). With teacher: as well, that model joins as the teacher named 'default'. Logged per teacher: loss/<name>, rows/<name>. teacher_cache is run-wide (not a per-teacher setting): one folder holds each row as its own teacher scores it, at that teacher's topk and temperature, under one fingerprint per teacher (local teachers only); not with hidden / attention objectives (docs/concepts.md, Several teachers). Empty (null): one teacher, teacher:.")
     teacher_column: str = _f("teacher", "teachers: the row column naming a row's teacher (a key of teachers); a row without it, or with it empty, goes to default_teacher; an unknown name stops the run naming the row.")
     default_teacher: str = _f("", "teachers: the teacher of rows without teacher_column. Empty: 'default' (teacher:) when teacher: is given beside teachers:, else the first of teachers.")
     teacher_quantization: str = _f("none", "Load the teacher in 8bit or 4bit through bitsandbytes (needs a GPU and `pip install bitsandbytes`): none | 8bit | 4bit.")
@@ -275,7 +275,7 @@ class GKDConfig:
         from gkd.objectives import parse_objectives
 
         objectives = parse_objectives(self.objectives) or parse_objectives([self.divergence])
-        if self.teacher_topk:
+        if self.teacher_topk and self.teachers is None:  # teachers: each teacher's k, checked in _check_teachers
             from gkd.losses import TOPK_OBJECTIVES
 
             for obj in objectives:
@@ -296,9 +296,9 @@ class GKDConfig:
         if self.loss_temperature_schedule != "constant" and self.loss_temperature_end is None:
             raise ConfigError(f"loss_temperature_schedule={self.loss_temperature_schedule!r} needs loss_temperature_end")
         self._check_student_init()
-        if not self.student and self.student_source_name != "teacher":
-            raise ConfigError("student is required: a Hugging Face id or a local model folder "
-                              "(or student_init: {from: teacher, num_layers: N} to make one from the teacher)")
+        if not self.student and self.student_source_name in (None, "student"):  # student_init from: teacher | PATH
+            raise ConfigError("student is required: a Hugging Face id or a local model folder "  # makes it (and its
+                              "(or student_init: {from: teacher, num_layers: N} to make one from the teacher)")  # tokenizer)
         trackers = {"tensorboard", "wandb", "none"}
         for tracker in self.report_to:
             if tracker not in trackers:
@@ -324,7 +324,7 @@ class GKDConfig:
         self._check_served_teacher()
         self._check_teachers()
         if self.teacher_cache:
-            if not self.teacher_topk:
+            if not self.teacher_topk and self.teachers is None:  # teachers: each teacher's k, in _check_teachers
                 raise ConfigError(f"teacher_cache={self.teacher_cache!r} stores the teacher's top-k: set teacher_topk "
                                   "(the k to write it with, and to train with)")
             if self.loss_temperature_schedule != "constant":
@@ -361,13 +361,14 @@ class GKDConfig:
         from gkd.objectives import parse_objectives
 
         objectives = parse_objectives(self.objectives) or parse_objectives([self.divergence])
-        check_teachers(self, structural=any(o.uses_hidden or o.uses_attention for o in objectives))
+        check_teachers(self, objectives)
 
     def _check_served_teacher(self, url: str | None = None, served: str | None = None, quantization: str | None = None,
                               gguf_file: str | None = None, timeout: float | None = None,
-                              from_teacher: bool = True) -> None:
+                              from_teacher: bool = True, topk: int | None = None) -> None:
         """``teacher: http://…`` (``gkd serve-teacher``) scores token ids; what needs more is refused here.
-        The same checks for a served entry of ``teachers:`` (``url``, ``served``: how messages name it)."""
+        The same checks for a served entry of ``teachers:`` (``url``, ``served``: how messages name it;
+        ``topk``: its k)."""
         url = self.teacher if url is None else url
         if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
             return
@@ -375,18 +376,20 @@ class GKDConfig:
         quantization = self.teacher_quantization if quantization is None else quantization
         gguf_file = self.teacher_gguf_file if gguf_file is None else gguf_file
         timeout = self.teacher_timeout if timeout is None else timeout
+        topk = self.teacher_topk if topk is None else topk
+        knob = "teacher_topk" if from_teacher else "its topk (or teacher_topk)"
         from gkd.objectives import parse_objectives
 
         objectives = parse_objectives(self.objectives) or parse_objectives([self.divergence])
         tokens_only = self.algorithm == "gkd" and all(o.name in SAMPLED_OBJECTIVES for o in objectives)
-        if not self.teacher_topk and not tokens_only:  # sampled_reverse_kl alone needs only log p(y_t)
-            raise ConfigError(f"{served} sends the top-k of its distribution: set teacher_topk (e.g. 64; exact when "
+        if not topk and not tokens_only:  # sampled_reverse_kl alone needs only log p(y_t)
+            raise ConfigError(f"{served} sends the top-k of its distribution: set {knob} (e.g. 64; exact when "
                               "k is the vocabulary size)")
         if self.seq_kd:
             raise ConfigError(f"{served} scores but does not generate: seq_kd needs a local teacher")
-        if self.lmbda_schedule == "adaptive" and not self.teacher_topk:
+        if self.lmbda_schedule == "adaptive" and not topk:
             raise ConfigError(f"{served}: lmbda_schedule=adaptive measures KL(teacher‖student) on held-out text, "
-                              "from the server's top-k: set teacher_topk (e.g. 64)")
+                              f"from the server's top-k: set {knob} (e.g. 64)")
         if self.rollout == "skd":
             raise ConfigError(f"{served}: rollout=skd replaces a token by a draw from the teacher's full distribution "
                               "at that position, which a server's top-k does not give; use a local teacher")
@@ -422,9 +425,9 @@ class GKDConfig:
         if keep is not None and not (isinstance(keep, list) and keep and all(isinstance(i, int) and i >= 0 for i in keep)
                                      and keep == sorted(set(keep))):
             raise ConfigError(f"student_init keep_layers={keep!r} must be a non-empty increasing list of layer indices >= 0")
-        if self.student_source_name == "teacher" and not self.teacher:
-            raise ConfigError("student_init from: teacher needs a teacher" + (
-                " (teacher:; with teachers:, point from: at one of their folders)" if self.teachers else ""))
+        if self.student_source_name == "teacher" and not self.teacher and not self.teachers:
+            raise ConfigError("student_init from: teacher needs a teacher (teacher:, or teachers: whose default "
+                              "teacher it then is)")
         if self.student_source_name == "student" and not self.student:
             raise ConfigError("student_init from: student needs student (the model to take layers from)")
 

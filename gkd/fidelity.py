@@ -46,7 +46,8 @@ def topk_agreement(student_logits: torch.Tensor, teacher: torch.Tensor | Teacher
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(overlap, mass)`` per position (definitions in the module docstring). ``teacher``: full logits
     ``(n, V)`` or a top-k view (its ``k`` caps ours). ``mass`` is None for a top-k view (the caller
-    knows whether its log-probs are at temperature 1)."""
+    knows whether its log-probs are at temperature 1). A position of a narrower teacher in a widened view
+    (empty buckets, ``teachers:`` of different k) uses its own k: its real entries, the student's top-k as wide."""
     if isinstance(teacher, TeacherTopK):
         k = min(k, teacher.indices.shape[-1])
         order = teacher.logprobs.topk(k, -1).indices
@@ -55,8 +56,10 @@ def topk_agreement(student_logits: torch.Tensor, teacher: torch.Tensor | Teacher
         k = min(k, teacher.shape[-1])
         t_logp, t_ids = torch.log_softmax(teacher.float(), -1).topk(k, -1)
     s_ids = student_logits.topk(k, -1).indices
-    shared = (t_ids[:, :, None] == s_ids[:, None, :]).any(-1)  # (n, k): teacher's i-th token in the student's top-k
-    overlap = shared.float().mean(-1)
+    width = (t_ids >= 0).sum(-1, keepdim=True)  # (n, 1): k, or fewer real entries (empty buckets sort last)
+    in_student = (t_ids[:, :, None] == s_ids[:, None, :]) & (torch.arange(k, device=s_ids.device) < width)[:, None, :]
+    shared = in_student.any(-1)  # (n, k): teacher's i-th token in the student's top-k (as wide as the teacher's)
+    overlap = shared.float().sum(-1) / width[:, 0].clamp(min=1)
     p = t_logp.exp()
     mass = (p * shared).sum(-1) / p.sum(-1).clamp(min=torch.finfo(torch.float32).tiny)
     return overlap, mass

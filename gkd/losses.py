@@ -25,6 +25,7 @@ __all__ = [
     "REDUCTIONS",
     "TOPK_OBJECTIVES",
     "TeacherTopK",
+    "Temperature",
     "bucket_log_probs",
     "DivergenceFn",
     "LOGIT_OBJECTIVES",
@@ -68,12 +69,17 @@ class TeacherTopK:
     log-probability of all other tokens together (``LOG_ZERO`` when it is 0). Divergences are then
     taken between the two distributions coarsened to these ``k + 1`` buckets
     (:func:`bucket_log_probs`), exact when ``k`` equals the vocabulary size.
+
+    An entry with index ``EMPTY`` (-1; log-prob ``LOG_ZERO``) is an empty bucket: probability exactly 0
+    for both models, so it adds exactly 0 to every divergence and its gradient. It pads a narrower view to
+    a wider one (:meth:`widen`: teachers of different k in one batch, ``teachers:``); it never comes first.
     """
 
     indices: torch.Tensor
     logprobs: torch.Tensor
     log_tail: torch.Tensor
     LOG_ZERO = -1.0e4  # exp() underflows to exactly 0 in fp32, and stays finite in gradients
+    EMPTY = -1  # the index of an empty bucket (padding to a wider k)
 
     def rows(self, rows: slice | torch.Tensor) -> TeacherTopK:
         return TeacherTopK(self.indices[rows], self.logprobs[rows], self.log_tail[rows])
@@ -93,24 +99,67 @@ class TeacherTopK:
     def shape(self) -> torch.Size:
         return self.log_tail.shape
 
+    @property
+    def width(self) -> int:
+        """``k``: entries per position (empty ones included)."""
+        return int(self.indices.shape[-1])
 
-def bucket_log_probs(student_logits: torch.Tensor, teacher: TeacherTopK, temperature: float = 1.0) -> tuple[
+    def widen(self, k: int) -> TeacherTopK:
+        """The view with ``k`` entries per position: its own, then empty buckets (:attr:`EMPTY`)."""
+        extra = k - self.width
+        if extra <= 0:
+            return self
+        shape = (*self.indices.shape[:-1], extra)
+        return TeacherTopK(
+            torch.cat([self.indices, torch.full(shape, self.EMPTY, dtype=self.indices.dtype, device=self.indices.device)],
+                      -1),
+            torch.cat([self.logprobs, torch.full(shape, self.LOG_ZERO, dtype=self.logprobs.dtype,
+                                                 device=self.logprobs.device)], -1),
+            self.log_tail)
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, temperature: float = 1.0) -> TeacherTopK:
+        """Full teacher logits ``(..., V)`` as the exact view with ``k = V`` (every token, empty tail), its
+        log-probs at ``temperature``: what a full-vocabulary teacher's rows become beside top-k teachers'."""
+        v = logits.shape[-1]
+        indices = torch.arange(v, device=logits.device).expand(*logits.shape[:-1], v)
+        return cls(indices, log_probs(logits, temperature),
+                   torch.full(logits.shape[:-1], cls.LOG_ZERO, dtype=torch.float32, device=logits.device))
+
+
+#: Loss temperature τ: one float for every position, or a tensor of one τ per position, shaped like the
+#: logits without their vocabulary axis (several teachers, each with its own τ).
+Temperature = float | torch.Tensor
+
+
+def _divide(logits: torch.Tensor, temperature: Temperature) -> torch.Tensor:
+    """``logits / τ`` with a per-position τ tensor broadcast over the vocabulary axis."""
+    return logits / temperature.to(logits.dtype).unsqueeze(-1) if isinstance(temperature, torch.Tensor) \
+        else logits / temperature
+
+
+def bucket_log_probs(student_logits: torch.Tensor, teacher: TeacherTopK, temperature: Temperature = 1.0) -> tuple[
         torch.Tensor, torch.Tensor]:
     """Student and teacher log-probs over the ``k + 1`` buckets (teacher's top-k tokens, then the
     rest), ``(..., k + 1)`` each, fp32. The student's tail is ``logsumexp`` over its non-top-k logits
-    minus its full ``logsumexp`` (no cancellation)."""
-    s = student_logits.float() / temperature
+    minus its full ``logsumexp`` (no cancellation). Empty buckets (index :attr:`TeacherTopK.EMPTY`) get
+    ``LOG_ZERO`` for the student too (probability 0, no gradient) and take nothing from its tail."""
+    s = _divide(student_logits.float(), temperature)
     lse = torch.logsumexp(s, -1, keepdim=True)
-    top = s.gather(-1, teacher.indices) - lse
-    rest = torch.logsumexp(s.scatter(-1, teacher.indices, float("-inf")), -1, keepdim=True) - lse
+    empty = teacher.indices < 0
+    indices = torch.where(empty, teacher.indices[..., :1], teacher.indices)  # an empty entry repeats the first
+    top = torch.where(empty, TeacherTopK.LOG_ZERO, s.gather(-1, indices) - lse)
+    rest = torch.logsumexp(s.scatter(-1, indices, float("-inf")), -1, keepdim=True) - lse
     s_b = torch.cat([top, rest.clamp(min=TeacherTopK.LOG_ZERO)], -1)
     t_b = torch.cat([teacher.logprobs.float(), teacher.log_tail.float().unsqueeze(-1)], -1)
     return s_b, t_b
 
 
-def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def log_probs(logits: torch.Tensor, temperature: Temperature = 1.0) -> torch.Tensor:
     """``log_softmax(logits / τ)`` in fp32 whatever the input dtype (docs/design.md, Numerics: a bf16 teacher
-    against an fp32 student must not give a negative divergence)."""
+    against an fp32 student must not give a negative divergence). ``τ`` may be a tensor, one per position."""
+    if isinstance(temperature, torch.Tensor):
+        return F.log_softmax(_divide(logits.float(), temperature), dim=-1)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = logits.float()
@@ -208,7 +257,7 @@ def kd_per_token(
     labels: torch.Tensor | None,
     *,
     kd_weight: float = 0.5,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
 ) -> torch.Tensor:
     """Classic KD (Hinton et al. 2015): ``w·T²·KL(p^T‖q^T) + (1−w)·CE(y_ref, q)`` per position.
 
@@ -238,7 +287,7 @@ def dkd_per_token(
     *,
     alpha: float = 1.0,
     beta: float = 1.0,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
 ) -> torch.Tensor:
     """Decoupled KD (Zhao et al. 2022, eq. 7) per position: ``T²·(α·TCKD + β·NCKD)``.
 
@@ -248,8 +297,8 @@ def dkd_per_token(
     (``p̂_v = p_v/(1 − p_y)``). With α = 1 and β = 1 − p_y^T this is exactly ``KL(p‖q)`` (eq. 4).
     Everything is formed from log-sum-exps, so ``p_y → 1`` stays finite.
     """
-    s = student_logits.float() / temperature
-    t = teacher_logits.float() / temperature
+    s = _divide(student_logits.float(), temperature)
+    t = _divide(teacher_logits.float(), temperature)
     idx = targets.long().unsqueeze(-1)
     is_target = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
     neg_inf = torch.tensor(float("-inf"), device=s.device)
@@ -308,7 +357,7 @@ def distillation_loss_per_token(
     divergence: str = "jsd",
     beta: float = 0.5,
     skew: float = 0.1,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     kd_weight: float = 0.5,
     labels: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
@@ -360,7 +409,7 @@ TOPK_OBJECTIVES = (*sorted(DIVERGENCES),)
 
 
 def _topk_loss_per_token(student_logits: torch.Tensor, teacher: TeacherTopK, *, divergence: str, beta: float,
-                         skew: float, temperature: float, kd_weight: float, labels: torch.Tensor | None,
+                         skew: float, temperature: Temperature, kd_weight: float, labels: torch.Tensor | None,
                          temperature_squared: bool) -> torch.Tensor:
     """A divergence between the bucketed distributions (:class:`TeacherTopK`); exact for ``k = V``."""
     if divergence not in TOPK_OBJECTIVES:
@@ -426,7 +475,7 @@ def generalized_jsd(
     teacher_logits: torch.Tensor,
     *,
     beta: float,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     mask: torch.Tensor | None = None,
     reduction: str = "token_mean",
 ) -> torch.Tensor:
@@ -539,7 +588,7 @@ def single_step_reverse_kl(
     teacher_logits: torch.Tensor,
     *,
     weights: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
 ) -> torch.Tensor:
     """MiniLLM eq. 3 single-step term: exact ``KL(q_θ,t‖p_t)`` over the vocabulary per position,
     gradient through ``q_θ``; optionally scaled by (detached) importance weights ``w_t`` (eq. 7)."""

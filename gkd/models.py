@@ -210,11 +210,18 @@ def prune_layers(source: str, keep: list[int], out: Path, trust_remote_code: boo
 
 def student_path(cfg: GKDConfig, teacher_path: str | None = None) -> str:
     """The folder the student is loaded from: ``output_dir/student-init`` with ``student_init`` (built
-    here on first use, reused while its spec is unchanged), else the resolved ``student``."""
+    here on first use, reused while its spec is unchanged; ``from: teacher`` with ``teachers:`` takes the
+    default teacher's layers), else the resolved ``student``."""
     if not cfg.student_init:
         return resolve_model(cfg.student, cfg.student_gguf_file, "student")
     origin = cfg.student_source_name
-    if origin == "teacher":
+    if origin == "teacher" and cfg.teachers is not None and teacher_path is None:  # teachers: the default teacher
+        from gkd.teacher_specs import default_teacher_name, teacher_specs
+
+        specs = teacher_specs(cfg)
+        spec = specs[default_teacher_name(cfg, list(specs))]
+        name, source = spec.model, resolve_model(spec.model, spec.gguf_file, f"teacher {spec.name!r}")
+    elif origin == "teacher":
         name, source = cfg.teacher, teacher_path or resolve_model(cfg.teacher or "", cfg.teacher_gguf_file)
     elif origin == "student":
         name, source = cfg.student, resolve_model(cfg.student, cfg.student_gguf_file)

@@ -24,6 +24,7 @@ import torch
 from gkd.errors import ConfigError, InputError
 from gkd.losses import (
     LOGIT_OBJECTIVES,
+    Temperature,
     attention_kl_per_token,
     distillation_loss_per_token,
     hidden_cosine_per_token,
@@ -282,7 +283,7 @@ def objective_terms(
     completion_ids: torch.Tensor,
     on_policy: bool,
     defaults: dict[str, float],
-    temperature: float,
+    temperature: Temperature,
     temperature_squared: bool = False,
     student_hidden: dict[int, torch.Tensor] | None = None,
     teacher_hidden: dict[int, torch.Tensor] | None = None,

@@ -10,6 +10,7 @@ tokenizer) lines up with the student (docs/design.md, Numerics).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -162,8 +163,8 @@ def score(
     *,
     hidden_layers: tuple[int, ...] = (),
     attention_layers: tuple[int, ...] = (),
-    topk: int = 0,
-    temperature: float = 1.0,
+    topk: int | Mapping[str, int] = 0,
+    temperature: float | Mapping[str, float] = 1.0,
     chunk_size: int = 1024,
     with_token_logprobs: bool = False,
 ) -> ScoredRollout:
@@ -177,13 +178,16 @@ def score(
     when ``topk`` is 0: only ``token_logprobs`` is wanted then) and the completion tokens' log-probs.
     A local teacher fills ``token_logprobs`` (log p(y_t), unprocessed: temperature 1) on request
     (``with_token_logprobs``: the sampled-token objective), from the same logits / chunks. Several teachers
-    (:class:`gkd.teachers.TeacherRouter`) score each row with the teacher its ``rollout.rows`` names."""
+    (:class:`gkd.teachers.TeacherRouter`) score each row with the teacher its ``rollout.rows`` names; for
+    them ``topk`` / ``temperature`` may map each teacher name to its own value."""
     if teacher is None:
         return ScoredRollout(rollout=rollout, teacher_logits=None)
     if getattr(teacher, "routes_rows", False):  # teachers: each row scored by its own (gkd.teachers.TeacherRouter)
         return teacher.score(rollout, vocab_size, hidden_layers=hidden_layers, attention_layers=attention_layers,
                              topk=topk, temperature=temperature, chunk_size=chunk_size,
                              with_token_logprobs=with_token_logprobs)
+    if isinstance(topk, Mapping) or isinstance(temperature, Mapping):
+        raise TypeError("per-teacher topk / temperature (a mapping) need several teachers (a TeacherRouter)")
     if isinstance(teacher, RemoteTeacher):
         if hidden_layers or attention_layers:
             raise InputError("a served teacher sends log-probs only; hidden-state / attention objectives need a "

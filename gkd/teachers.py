@@ -39,7 +39,15 @@ from gkd.models import disable_dropout, load_model, load_tokenizer, resolve_mode
 from gkd.rollout import Rollout
 from gkd.scorer import ScoredRollout, check_tokenizers_match, lm_head, output_vocab_size, score
 from gkd.serving.client import RemoteTeacher
-from gkd.teacher_specs import DEFAULT_NAME, TEACHER_SETTINGS, TeacherSpec, default_teacher_name, teacher_specs
+from gkd.teacher_specs import (
+    DEFAULT_NAME,
+    TEACHER_SETTINGS,
+    TeacherSpec,
+    default_teacher_name,
+    own_temperatures,
+    teacher_specs,
+    teacher_topks,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -107,8 +115,24 @@ def _pad_topk(view: TeacherTopK, length: int) -> TeacherTopK:
 
 
 def _cat_topk(views: list[TeacherTopK]) -> TeacherTopK:
+    """Views of groups of rows, one after the other (widened to the widest k: empty buckets)."""
+    k = max(v.width for v in views)
+    views = [v.widen(k) for v in views]
     return TeacherTopK(torch.cat([v.indices for v in views]), torch.cat([v.logprobs for v in views]),
                        torch.cat([v.log_tail for v in views]))
+
+
+def _common_views(values: list[Any], temperatures: list[float]) -> list[Any]:
+    """Teacher views of groups of rows made mergeable: top-k views widened to the widest k (empty buckets,
+    probability 0: they add exactly 0 to every divergence); when top-k and full-logit groups meet (a
+    teacher with ``topk: 0`` beside top-k teachers), the full logits as the exact ``k = V`` view at that
+    group's temperature (``temperatures``)."""
+    if not any(isinstance(v, TeacherTopK) for v in values) or any(v is None for v in values):
+        return values  # all full logits; or a group without a view (then the merged answer has none)
+    values = [TeacherTopK.from_logits(v, tau) if isinstance(v, torch.Tensor) else v
+              for v, tau in zip(values, temperatures, strict=True)]
+    k = max(v.width for v in values)
+    return [v.widen(k) for v in values]
 
 
 def merge_rollouts(parts: list[Rollout], order: torch.Tensor, pad_token_id: int) -> Rollout:
@@ -178,6 +202,40 @@ class TeacherRouter:
             raise ConfigError(f"default_teacher={default!r} is not one of teachers: {', '.join(teachers)}")
         self.teachers, self.default, self.column = dict(teachers), default, column
         self.names = tuple(self.teachers)
+        self.topk: dict[str, int] | None = None  # name → k of its top-k view (teachers: topk), see configure
+        self.temperature: dict[str, float] | None = None  # name → its loss τ, when some teacher sets its own
+
+    def configure(self, topk: Mapping[str, int] | None = None, temperature: Mapping[str, float] | None = None
+                  ) -> TeacherRouter:
+        """Each teacher's own ``topk`` / loss ``temperature`` (``teachers:`` entries): what :meth:`view_settings`
+        hands the scorer for the training view, and :meth:`row_temperatures` the loss."""
+        for what, values in (("topk", topk), ("temperature", temperature)):
+            if values is not None and set(values) != set(self.names):
+                raise ValueError(f"{what} names {', '.join(values)}, the teachers are {', '.join(self.names)}")
+        self.topk = dict(topk) if topk is not None else None
+        self.temperature = dict(temperature) if temperature is not None else None
+        return self
+
+    def view_settings(self, topk: int, temperature: float) -> tuple[int | dict[str, int], float | dict[str, float]]:
+        """``(topk, temperature)`` to score the training view with: each teacher's own where configured, else
+        the run's ``topk`` / ``temperature`` (:func:`gkd.scorer.score` takes either)."""
+        return (self.topk if self.topk is not None else topk,
+                self.temperature if self.temperature is not None else temperature)
+
+    @property
+    def any_topk(self) -> bool:
+        """Some teacher's training view is top-k (configured)."""
+        return self.topk is not None and any(k > 0 for k in self.topk.values())
+
+    def row_temperatures(self, rollout: Rollout, temperature: float) -> float | torch.Tensor:
+        """The loss τ of every completion position: ``temperature`` (the run's) when no teacher sets its
+        own, else ``(B, L)`` float32, each row at its teacher's τ (:data:`gkd.losses.Temperature`)."""
+        if self.temperature is None:
+            return temperature
+        b, length = rollout.completion_ids.shape
+        per_row = torch.tensor([self.temperature[n] for n in self.row_names(rollout.rows, b)], dtype=torch.float32,
+                               device=rollout.completion_ids.device)
+        return per_row[:, None].expand(b, length)
 
     def __repr__(self) -> str:
         return f"TeacherRouter({', '.join(self.names)}; default {self.default!r}, column {self.column!r})"
@@ -237,32 +295,38 @@ class TeacherRouter:
 
     # --- asking the teachers ---------------------------------------------------------------------------
 
-    def score(self, rollout: Rollout, vocab_size: int | None = None, **kwargs: Any) -> ScoredRollout:
+    def score(self, rollout: Rollout, vocab_size: int | None = None, *, topk: int | Mapping[str, int] = 0,
+              temperature: float | Mapping[str, float] = 1.0, **kwargs: Any) -> ScoredRollout:
         """:func:`gkd.scorer.score`, each teacher on its own rows (one call per teacher), answers in batch
-        order. With a served teacher among them, local teachers add ``log p(y_t)`` too, so that every row
-        has it."""
+        order. ``topk`` / ``temperature``: one value for every teacher, or one per teacher name (their own,
+        :meth:`view_settings`); top-k views of different k are merged by padding with empty buckets, and a
+        full-vocabulary teacher's rows beside top-k ones become the exact ``k = V`` view. With a served
+        teacher among them, local teachers add ``log p(y_t)`` too, so that every row has it."""
         if kwargs.get("hidden_layers") or kwargs.get("attention_layers"):
             raise ConfigError("hidden-state / attention objectives are not supported with teachers: (each teacher "
                               "would need its own projection); use logit objectives")
         if self.has_remote:
             kwargs["with_token_logprobs"] = True
         b = rollout.completion_ids.shape[0]
-        groups, answers, whole = [], [], None
+        groups, answers, taus, whole = [], [], [], None
         for name, idx in self.groups(rollout.rows, b):
             teacher = self.teachers[name]
+            own = dict(kwargs, topk=topk[name] if isinstance(topk, Mapping) else topk,
+                       temperature=temperature[name] if isinstance(temperature, Mapping) else temperature)
             if idx.numel() == 0:  # another rank's teacher: take part in its collectives, drop the answer
                 if isinstance(teacher, torch.nn.Module):
-                    score(teacher, select_rows(rollout, torch.zeros(1, dtype=torch.long)), vocab_size, **kwargs)
+                    score(teacher, select_rows(rollout, torch.zeros(1, dtype=torch.long)), vocab_size, **own)
             elif idx.numel() == b:  # every row is this teacher's: the batch as it is
-                whole = score(teacher, rollout, vocab_size, **kwargs)
+                whole = score(teacher, rollout, vocab_size, **own)
             else:
                 groups.append(idx)
-                answers.append(score(teacher, select_rows(rollout, idx), vocab_size, **kwargs))
+                taus.append(own["temperature"])
+                answers.append(score(teacher, select_rows(rollout, idx), vocab_size, **own))
         if whole is not None:
             return whole
         return ScoredRollout(
             rollout=rollout,
-            teacher_logits=_scatter([a.teacher_logits for a in answers], groups, b),
+            teacher_logits=_scatter(_common_views([a.teacher_logits for a in answers], taus), groups, b),
             token_logprobs=_scatter([a.token_logprobs for a in answers], groups, b),
         )
 
@@ -358,9 +422,10 @@ def load_router(cfg: GKDConfig, acc: Accelerator, tokenizer: Any,
             if output_vocab_size(teacher) < vocab_size:
                 raise InputError(f"teachers: {name!r} has {output_vocab_size(teacher)} output rows but the student's "
                                  f"tokenizer has {vocab_size} tokens: not the student's vocabulary")
-            if cfg.teacher_topk:
+            if spec.topk:  # its top-k view is formed from its final hidden states and head
                 lm_head(teacher)
             disable_dropout(teacher)
             teacher.requires_grad_(False).eval()
         teachers[name] = teacher
-    return TeacherRouter(teachers, default_teacher_name(cfg, list(specs)), cfg.teacher_column)
+    return TeacherRouter(teachers, default_teacher_name(cfg, list(specs)), cfg.teacher_column).configure(
+        teacher_topks(cfg), own_temperatures(cfg))

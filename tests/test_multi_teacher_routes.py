@@ -3,7 +3,8 @@ beside a local one, and speculative KD (``rollout: skd``) verified by each row's
 
 References, independent of the routing:
 - served + local: each step's loss and per-teacher losses equal a run with both teachers local (the served
-  one's model loaded in-process, at the same top-k), and the served teacher answers only its own rows;
+  one's model loaded in-process, at the same top-k; also with a full-vocabulary local teacher beside a served
+  one at its own k and τ), and the served teacher answers only its own rows;
 - routed SKD: with each teacher rigged to put all mass on one token and K = 1, every committed token of a
   row is its own teacher's token; with plain teachers, the teacher view SKD keeps for the loss equals
   scoring each row alone with its own teacher (:func:`gkd.scorer.score`).
@@ -42,8 +43,17 @@ def _student(tokenizer):
     return tiny_model(tokenizer, model_type="qwen2", hidden=32, seed=11)
 
 
-def test_a_served_teacher_beside_a_local_one_gives_the_all_local_losses(tokenizer, tmp_path):
+# per-teacher settings: none (teacher_topk for both), or a full-vocabulary local teacher beside a served one at
+# its own k and τ (its views widened to the local one's k = V in mixed micro-batches)
+OWN = [{"a": {}, "r": {}}, {"a": {"topk": 0}, "r": {"topk": 3, "temperature": 2.0}}]
+
+
+@pytest.mark.parametrize("own", OWN, ids=["shared", "own"])
+def test_a_served_teacher_beside_a_local_one_gives_the_all_local_losses(tokenizer, tmp_path, own):
     from gkd.trainer import GKDTrainer
+
+    def entries(**models: str) -> dict:
+        return {n: {"model": m, **own[n]} if own[n] else m for n, m in models.items()}
 
     a, r = tiny_model(tokenizer, hidden=64, seed=12), tiny_model(tokenizer, hidden=32, seed=13)
     served_rows: list[int] = []
@@ -53,10 +63,10 @@ def test_a_served_teacher_beside_a_local_one_gives_the_all_local_losses(tokenize
     server = LoopbackServer(TeacherService(served_model, tokenizer)).start()
     try:
         fields = dict(lmbda=0.5, divergence="jsd", beta=0.5, teacher_topk=5)
-        local = GKDTrainer(_config(tmp_path, "local", {"a": "unused", "r": "unused"}, **fields), student=_student(tokenizer),
+        local = GKDTrainer(_config(tmp_path, "local", entries(a="unused", r="unused"), **fields), student=_student(tokenizer),
                            teachers={"a": copy.deepcopy(a), "r": copy.deepcopy(r)}, tokenizer=tokenizer,
                            train_rows=TRAIN_ROWS).train()
-        trainer = GKDTrainer(_config(tmp_path, "mixed", {"a": "unused", "r": server.url}, **fields),
+        trainer = GKDTrainer(_config(tmp_path, "mixed", entries(a="unused", r=server.url), **fields),
                              student=_student(tokenizer), teachers={"a": copy.deepcopy(a)}, tokenizer=tokenizer,
                              train_rows=TRAIN_ROWS)
         mixed = trainer.train()

@@ -11,7 +11,7 @@ import torch
 
 from gkd.algorithms.base import RunParts
 from gkd.chunked import ChunkFn, chunked_loss, token_weights
-from gkd.losses import TeacherTopK
+from gkd.losses import TeacherTopK, Temperature
 from gkd.objectives import PROJECTION_ATTR, objective_terms
 from gkd.rollout import Rollout
 from gkd.sampled_token import teacher_token_logprobs
@@ -19,8 +19,8 @@ from gkd.scorer import CompletionOutputs, ScoredRollout, completion_outputs, lm_
 from gkd.serving.client import RemoteTeacher
 from gkd.update import LossOutput
 
-__all__ = ["PerTokenFn", "flat_positions", "logit_terms_fn", "loss_output", "objective_defaults", "run_per_token",
-           "structure_terms", "views"]
+__all__ = ["PerTokenFn", "any_topk", "flat_positions", "logit_terms_fn", "loss_output", "objective_defaults",
+           "row_temperatures", "run_per_token", "structure_terms", "view_settings", "view_temperature", "views"]
 
 #: ``(chunk of student logits (n, V), rows) → (Σ w_i·objective_i, {label: objective_i})``, per token.
 PerTokenFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -56,19 +56,64 @@ def _teacher_scores(parts: RunParts, rollout: Rollout, temperature: float, cache
         if getattr(parts.teacher, "routes_rows", False):
             names = parts.teacher.row_names(rollout.rows, rollout.completion_ids.shape[0])
         return ScoredRollout(rollout=rollout, teacher_logits=cache_file.lookup(rollout, names))  # gkd cache-teacher
-    cacheable = cfg.teacher_topk > 0 and not obj.hidden_layers[1] and not obj.attention_layers[1]
+    cacheable = any_topk(parts) and not obj.hidden_layers[1] and not obj.attention_layers[1]
     if cacheable and rollout.teacher_cache is not None and rollout.teacher_cache[0] == temperature:
         return ScoredRollout(rollout=rollout, teacher_logits=rollout.teacher_cache[1])
-    topk = cfg.teacher_topk
+    topk, tau = view_settings(parts, temperature)
     if not _needs_distribution(parts) and isinstance(parts.teacher, RemoteTeacher):
-        topk, temperature = 0, 1.0  # only log p(y_t) (unprocessed): the server sends k = 1, no top-k transfer
+        topk, tau = 0, 1.0  # only log p(y_t) (unprocessed): the server sends k = 1, no top-k transfer
     scored = score(parts.teacher, rollout, parts.vocab_size, hidden_layers=obj.hidden_layers[1],
-                   attention_layers=obj.attention_layers[1], topk=topk, temperature=temperature,
+                   attention_layers=obj.attention_layers[1], topk=topk, temperature=tau,
                    chunk_size=cfg.loss_chunk_size,
                    with_token_logprobs=obj.needs_token_logprobs and rollout.teacher_logprobs is None)
-    if cacheable and cache and isinstance(scored.teacher_logits, TeacherTopK):
-        rollout.teacher_cache = (temperature, scored.teacher_logits)
+    if cacheable and cache and isinstance(scored.teacher_logits, TeacherTopK) and _all_topk(parts):
+        rollout.teacher_cache = (temperature, scored.teacher_logits)  # (not k = V views of a full-vocabulary teacher)
     return scored
+
+
+def _router(parts: RunParts) -> Any:
+    """The run's :class:`gkd.teachers.TeacherRouter` (``teachers:``), or None for one teacher."""
+    return parts.teacher if getattr(parts.teacher, "routes_rows", False) else None
+
+
+def any_topk(parts: RunParts) -> bool:
+    """The teacher's training view is top-k (``teacher_topk``; with ``teachers:``, some teacher's ``topk``)."""
+    router = _router(parts)
+    return router.any_topk if router is not None and router.topk is not None else parts.config.teacher_topk > 0
+
+
+def _all_topk(parts: RunParts) -> bool:
+    """Every teacher's training view is top-k (none at full vocabulary)."""
+    router = _router(parts)
+    if router is not None and router.topk is not None:
+        return all(k > 0 for k in router.topk.values())
+    return parts.config.teacher_topk > 0
+
+
+def view_settings(parts: RunParts, temperature: float) -> tuple[Any, Any]:
+    """``(topk, temperature)`` the teacher's training view is scored with: ``teacher_topk`` and this step's
+    loss τ; with ``teachers:``, each teacher's own ``topk`` / ``temperature`` (mappings by name)."""
+    router = _router(parts)
+    if router is not None:
+        return router.view_settings(parts.config.teacher_topk, temperature)
+    return parts.config.teacher_topk, temperature
+
+
+def row_temperatures(parts: RunParts, rollout: Rollout, temperature: float) -> Temperature:
+    """The loss τ of the rollout's positions: this step's ``temperature``, or with ``teachers:`` entries
+    that set their own, a ``(B, L)`` tensor (each row at its teacher's τ)."""
+    router = _router(parts)
+    return router.row_temperatures(rollout, temperature) if router is not None else temperature
+
+
+def view_temperature(parts: RunParts, temperature: float) -> float:
+    """The one τ of the teacher's top-k views (fidelity metrics need 1): this step's ``temperature``, the
+    teachers' common one, or NaN when the teachers' own temperatures differ."""
+    router = _router(parts)
+    if router is None or router.temperature is None:
+        return temperature
+    values = set(router.temperature.values())
+    return values.pop() if len(values) == 1 else float("nan")
 
 
 def views(parts: RunParts, rollout: Rollout, temperature: float, cache: bool = False,
@@ -160,21 +205,23 @@ def structure_terms(parts: RunParts, rollout: Rollout, student: CompletionOutput
 
 
 def logit_terms_fn(parts: RunParts, rollout: Rollout, teacher: torch.Tensor | TeacherTopK | None,
-                   temperature: float, teacher_tokens: torch.Tensor | None = None) -> PerTokenFn:
+                   temperature: Temperature, teacher_tokens: torch.Tensor | None = None) -> PerTokenFn:
     """The weighted logit objectives (``Σ_i w_i·D_i``, each ``D_i`` logged) on a chunk of student logits;
-    ``teacher_tokens`` ``(B, L)``: the teacher's log p(y_t) (``ScoredRollout.token_logprobs``), for
-    ``sampled_reverse_kl``."""
+    ``temperature``: one τ, or ``(B, L)`` (:func:`row_temperatures`); ``teacher_tokens`` ``(B, L)``: the
+    teacher's log p(y_t) (``ScoredRollout.token_logprobs``), for ``sampled_reverse_kl``."""
     cfg = parts.config
     logit_objectives = parts.objectives.logit
     ids = rollout.completion_ids.reshape(-1)
     flat_teacher = flat_positions(teacher)
     flat_tokens = teacher_tokens.reshape(-1) if teacher_tokens is not None else None
+    flat_tau = temperature.reshape(-1) if isinstance(temperature, torch.Tensor) else None
     defaults = objective_defaults(parts)
 
     def terms_fn(z: torch.Tensor, rows: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = flat_teacher[rows] if flat_teacher is not None else None
+        tau = flat_tau[rows].to(z.device) if flat_tau is not None else temperature
         terms = objective_terms(logit_objectives, student_logits=z, teacher_logits=t, completion_ids=ids[rows],
-                                on_policy=rollout.on_policy, defaults=defaults, temperature=temperature,
+                                on_policy=rollout.on_policy, defaults=defaults, temperature=tau,
                                 temperature_squared=cfg.temperature_squared,
                                 teacher_token_logprobs=flat_tokens[rows] if flat_tokens is not None else None)
         total = sum((o.weight * terms[o.label] for o in logit_objectives), torch.zeros((), device=z.device))

@@ -24,8 +24,11 @@ from gkd.algorithms.common import (
     flat_positions,
     logit_terms_fn,
     loss_output,
+    row_temperatures,
     run_per_token,
     structure_terms,
+    view_settings,
+    view_temperature,
     views,
 )
 from gkd.data import reference_rollout, require_references
@@ -158,10 +161,15 @@ class GKD(Algorithm):
 
     def skd_keep(self) -> tuple[int, float] | None:
         """With ``teacher_topk``, SKD keeps the teacher's top-k view (at this step's loss temperature) from
-        its verification passes, and the loss reuses it instead of scoring the teacher again."""
-        cfg, obj = self.config, self.parts.objectives
-        if cfg.teacher_topk and obj.needs_teacher_distribution and not obj.structural:
-            return cfg.teacher_topk, self.loss_temperature
+        its verification passes, and the loss reuses it instead of scoring the teacher again. Not when
+        ``teachers:`` differ in ``topk`` or set their own ``temperature`` (the loss scores each teacher's
+        rows at its own settings then)."""
+        obj = self.parts.objectives
+        topk, tau = view_settings(self.parts, self.loss_temperature)
+        if isinstance(topk, dict):
+            topk = next(iter(topk.values())) if len(set(topk.values())) == 1 else 0
+        if topk and not isinstance(tau, dict) and obj.needs_teacher_distribution and not obj.structural:
+            return topk, tau
         return None
 
     def adaptive_check(self) -> dict[str, float]:
@@ -180,7 +188,7 @@ class GKD(Algorithm):
                 max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
                 device=parts.accelerator.device, gather_for_generation=cfg.zero3_gather_for_generation)
         loss = validation_loss(parts.student, parts.teacher, self.validation, parts.vocab_size,
-                               topk=cfg.teacher_topk, chunk_size=cfg.loss_chunk_size,
+                               topk=view_settings(parts, 1.0)[0], chunk_size=cfg.loss_chunk_size,
                                all_reduce_sum=distributed.all_reduce_sum)
         lmbda = self.adaptive.update(loss)
         self.adaptive.lmbda = float(distributed.broadcast_from_main(torch.tensor([lmbda], dtype=torch.float64))[0])
@@ -239,7 +247,7 @@ class GKD(Algorithm):
         def fn(z: torch.Tensor, rows: Any) -> dict[str, torch.Tensor]:
             return fidelity_terms(z, ids[rows], teacher[rows] if teacher is not None else None,
                                   tokens[rows] if tokens is not None else None, topk=cfg.fidelity_topk,
-                                  teacher_temperature=self.loss_temperature)
+                                  teacher_temperature=view_temperature(self.parts, self.loss_temperature))
         return fn
 
     def loss(self, rollout: Rollout) -> LossOutput:
@@ -252,7 +260,8 @@ class GKD(Algorithm):
             ids = rollout.completion_ids.reshape(-1)
             with_reward = cfg.alpha < 1.0 and rollout.on_policy and rollout.advantages is not None
             adv = rollout.advantages[:, None].expand(b, length).reshape(-1) if with_reward else None  # type: ignore[index]
-            logit_terms = logit_terms_fn(parts, rollout, scored.teacher_logits, tau, scored.token_logprobs)
+            logit_terms = logit_terms_fn(parts, rollout, scored.teacher_logits, row_temperatures(parts, rollout, tau),
+                                         scored.token_logprobs)
             structure, structure_parts = structure_terms(parts, rollout, student, scored, tau)
             alpha = cfg.alpha if with_reward else 1.0
             fidelity = self.fidelity_fn(rollout, scored)

@@ -27,8 +27,10 @@ from gkd.algorithms.common import (
     flat_positions,
     logit_terms_fn,
     loss_output,
+    row_temperatures,
     run_per_token,
     structure_terms,
+    view_settings,
     views,
 )
 from gkd.errors import ConfigError
@@ -210,7 +212,8 @@ class MiniLLM(Algorithm):
         router = parts.teacher if isinstance(parts.teacher, TeacherRouter) else None
         if isinstance(parts.teacher, RemoteTeacher) or (router is not None and router.has_remote):
             tau = self.loss_temperature
-            scored = score(parts.teacher, rollout, parts.vocab_size, topk=cfg.teacher_topk, temperature=tau)
+            topk, own_tau = view_settings(parts, tau)
+            scored = score(parts.teacher, rollout, parts.vocab_size, topk=topk, temperature=own_tau)
             teacher_logprobs = scored.token_logprobs
             rollout.teacher_cache = (tau, scored.teacher_logits)
         else:  # each row's own teacher under teachers:
@@ -266,14 +269,18 @@ class MiniLLM(Algorithm):
             teacher = scored.teacher_logits
             flat_teacher = flat_positions(teacher)
             assert flat_teacher is not None  # MiniLLM always has a teacher
-            logit_terms = logit_terms_fn(parts, rollout, teacher, tau, scored.token_logprobs) if cfg.objectives else None
+            row_tau = row_temperatures(parts, rollout, tau)  # teachers: each row's own τ
+            flat_tau = row_tau.reshape(-1) if isinstance(row_tau, torch.Tensor) else None
+            logit_terms = logit_terms_fn(parts, rollout, teacher, row_tau, scored.token_logprobs) if cfg.objectives \
+                else None
             structure, structure_parts = structure_terms(parts, rollout, student, scored, tau)
 
             def fn(z: torch.Tensor, rows: Any) -> dict[str, torch.Tensor]:
                 logq = token_logprobs(z, ids[rows], cfg.temperature)
                 pg = ppo_clipped_loss(logq, mixed[rows], adv[rows], cfg.clip_eps)
                 weights = importance_weights(sampled[rows], mixed[rows]) if cfg.single_step_weighted else None
-                single = single_step_reverse_kl(z, flat_teacher[rows], weights=weights, temperature=tau)
+                single = single_step_reverse_kl(z, flat_teacher[rows], weights=weights,
+                                                temperature=flat_tau[rows].to(z.device) if flat_tau is not None else tau)
                 ratio = torch.exp(logq.detach() - sampled[rows])
                 out = {"loss": pg + cfg.alpha * cfg.single_step_coef * single, "pg": pg, "single_step": single,
                        "ratio": ratio, "clip_frac": ppo_clipped_share(logq, mixed[rows], adv[rows], cfg.clip_eps)}

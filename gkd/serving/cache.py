@@ -40,7 +40,8 @@ from gkd.errors import InputError
 from gkd.losses import TeacherTopK
 from gkd.serving.protocol import padded_topk, tokenizer_hash
 
-__all__ = ["CACHE_VERSION", "TeacherCache", "file_sha256", "row_hash", "teacher_fingerprint", "write_cache"]
+__all__ = ["CACHE_VERSION", "TeacherCache", "file_sha256", "row_hash", "teacher_fingerprint", "teacher_settings_for",
+           "write_cache"]
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -129,13 +130,33 @@ def teacher_fingerprint(name: str, path: str | None) -> str:
     return "files:" + h.hexdigest()
 
 
+#: Several teachers whose ``topk`` / ``temperature`` differ from the run's: name → (k, τ) of each.
+TeacherSettings = Mapping[str, tuple[int, float]]
+
+
 def _key(fingerprint: str | Mapping[str, str], tokenizer, k: int, temperature: float, max_prompt_length: int,
-         max_new_tokens: int) -> dict[str, Any]:
-    """What a cache's scores depend on. ``fingerprint``: the teacher's, or one per teacher name (several)."""
+         max_new_tokens: int, teacher_settings: TeacherSettings | None = None) -> dict[str, Any]:
+    """What a cache's scores depend on. ``fingerprint``: the teacher's, or one per teacher name (several);
+    ``teacher_settings``: each teacher's own k and τ, when some teacher's differ from the run's."""
     who = {"teachers": dict(fingerprint)} if isinstance(fingerprint, Mapping) else {"teacher": fingerprint}
+    own = {} if teacher_settings is None else {"teacher_settings": {
+        name: {"top_k": int(kt), "temperature": float(tau)} for name, (kt, tau) in teacher_settings.items()}}
     return {"version": CACHE_VERSION, **who, "tokenizer": tokenizer_hash(tokenizer), "top_k": k,
             "temperature": float(temperature), "max_prompt_length": max_prompt_length,
-            "max_new_tokens": max_new_tokens}
+            "max_new_tokens": max_new_tokens, **own}
+
+
+def teacher_settings_for(cfg) -> dict[str, tuple[int, float]] | None:
+    """Each teacher's (k, τ) when some ``teachers:`` entry's ``topk`` / ``temperature`` differs from
+    ``teacher_topk`` / ``loss_temperature`` (they enter the cache's key per teacher), else None."""
+    if cfg.teachers is None:
+        return None
+    from gkd.teacher_specs import teacher_specs
+
+    settings = {name: (spec.topk, spec.temperature) for name, spec in teacher_specs(cfg).items()}
+    if all(value == (cfg.teacher_topk, cfg.loss_temperature) for value in settings.values()):
+        return None
+    return settings
 
 
 #: A teacher to cache with: the model, or (several teachers) a function that loads it when its rows come up.
@@ -146,7 +167,8 @@ TeacherSource = torch.nn.Module | Callable[[], torch.nn.Module]
 def write_cache(folder: str | Path, teacher: TeacherSource | Mapping[str, TeacherSource], tokenizer,
                 rows: list[dict[str, Any]], *, fingerprint: str | Mapping[str, str], top_k: int, temperature: float,
                 max_prompt_length: int, max_new_tokens: int, row_teachers: Sequence[str] | None = None,
-                batch_size: int = 16, shard_rows: int = 4096, progress: bool = False) -> dict[str, Any]:
+                teacher_settings: TeacherSettings | None = None, batch_size: int = 16, shard_rows: int = 4096,
+                progress: bool = False) -> dict[str, Any]:
     """Score every row's reference completion with ``teacher`` and write the cache to ``folder``
     (atomically: a temporary folder renamed at the end, the manifest written last), holding
     ``FOLDER.lock``: a second writer is refused with one line. Returns the manifest. A ``top_k`` above
@@ -154,7 +176,9 @@ def write_cache(folder: str | Path, teacher: TeacherSource | Mapping[str, Teache
 
     Several teachers: ``teacher`` and ``fingerprint`` map each teacher name to its model (or a function
     that loads it, called once, when that teacher's rows come up, and dropped after them) and to its
-    fingerprint; ``row_teachers`` names each row's teacher. Each row is scored by its own teacher only."""
+    fingerprint; ``row_teachers`` names each row's teacher. Each row is scored by its own teacher only,
+    at its own k and τ when ``teacher_settings`` gives them (name → (k, τ); ``top_k`` / ``temperature``
+    are then the run's, recorded as such; each teacher's rows go to shards of their own)."""
     from filelock import FileLock, Timeout
 
     several = isinstance(fingerprint, Mapping)
@@ -173,16 +197,18 @@ def write_cache(folder: str | Path, teacher: TeacherSource | Mapping[str, Teache
     try:
         return _write_cache(folder, teacher, tokenizer, rows, fingerprint=fingerprint, top_k=top_k,
                             temperature=temperature, max_prompt_length=max_prompt_length,
-                            max_new_tokens=max_new_tokens, row_teachers=row_teachers, batch_size=batch_size,
-                            shard_rows=shard_rows, progress=progress)
+                            max_new_tokens=max_new_tokens, row_teachers=row_teachers,
+                            teacher_settings=teacher_settings, batch_size=batch_size, shard_rows=shard_rows,
+                            progress=progress)
     finally:
         lock.release()
 
 
 def _write_cache(folder: Path, teacher: TeacherSource | Mapping[str, TeacherSource], tokenizer,
                  rows: list[dict[str, Any]], *, fingerprint: str | Mapping[str, str], top_k: int, temperature: float,
-                 max_prompt_length: int, max_new_tokens: int, row_teachers: Sequence[str] | None, batch_size: int,
-                 shard_rows: int, progress: bool) -> dict[str, Any]:
+                 max_prompt_length: int, max_new_tokens: int, row_teachers: Sequence[str] | None,
+                 teacher_settings: TeacherSettings | None, batch_size: int, shard_rows: int,
+                 progress: bool) -> dict[str, Any]:
     """:func:`write_cache` once the writer's lock is held."""
     from safetensors.torch import save_file
 
@@ -204,6 +230,8 @@ def _write_cache(folder: Path, teacher: TeacherSource | Mapping[str, TeacherSour
                              f"{', '.join(teacher)}")
     else:
         groups = [(None, teacher, list(range(len(dataset))))]
+    if teacher_settings is not None and (row_teachers is None or set(teacher_settings) != {g[0] for g in groups}):
+        raise ValueError("teacher_settings needs several teachers, one (k, τ) per teacher name")
     vocab = len(tokenizer)
     shards: list[dict[str, Any]] = []
     seen: set[bytes] = set()
@@ -229,6 +257,7 @@ def _write_cache(folder: Path, teacher: TeacherSource | Mapping[str, TeacherSour
     for name, source, members in groups:
         if not members:
             continue
+        k_t, tau_t = teacher_settings[name] if teacher_settings is not None else (top_k, temperature)  # type: ignore[index]
         model = source if isinstance(source, torch.nn.Module) else source()  # several: loaded when its rows come up
         device = next(model.parameters()).device
         head = lm_head(model)
@@ -255,8 +284,8 @@ def _write_cache(folder: Path, teacher: TeacherSource | Mapping[str, TeacherSour
             out = completion_outputs(model, rollout, vocab, final_hidden=True)
             hidden = out.final_hidden[rollout.completion_mask]  # type: ignore[index]
             targets = rollout.completion_ids[rollout.completion_mask]
-            top, token = teacher_topk_and_targets(hidden, top_k, targets, head=head, vocab_size=vocab,
-                                                  temperature=temperature)
+            top, token = teacher_topk_and_targets(hidden, k_t, targets, head=head, vocab_size=vocab,
+                                                  temperature=tau_t)
             buffer["indices"].append(top.indices.int().cpu())
             buffer["logprobs"].append(top.logprobs.float().cpu())
             buffer["log_tail"].append(top.log_tail.float().cpu())
@@ -267,10 +296,14 @@ def _write_cache(folder: Path, teacher: TeacherSource | Mapping[str, TeacherSour
             if len(hashes) >= shard_rows:
                 flush()
         del model, head
+        if teacher_settings is not None:
+            flush()  # a shard holds one k: one teacher's rows
     flush()
-    manifest = {**_key(fingerprint, tokenizer, top_k, temperature, max_prompt_length, max_new_tokens),
+    manifest = {**_key(fingerprint, tokenizer, top_k, temperature, max_prompt_length, max_new_tokens, teacher_settings),
                 "width": min(top_k, vocab), "rows": len(seen), "dataset": hashlib.sha256(b"".join(sorted(seen))).hexdigest(),
                 "shards": shards}
+    if teacher_settings is not None:
+        manifest["teacher_widths"] = {name: min(int(k_t), vocab) for name, (k_t, _) in teacher_settings.items()}
     if row_teachers is not None:
         manifest["rows_per_teacher"] = {name: len(members) for name, _, members in groups}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -328,11 +361,19 @@ class TeacherCache:
         return self.manifest.get("teachers")
 
     def check(self, *, fingerprint: str | Mapping[str, str], tokenizer, top_k: int, temperature: float,
-              max_prompt_length: int, max_new_tokens: int) -> None:
-        """Refuse a cache written for another teacher (or other teachers: one fingerprint per name),
-        tokenizer, k, temperature or length limits."""
-        want = _key(fingerprint, tokenizer, top_k, temperature, max_prompt_length, max_new_tokens)
+              max_prompt_length: int, max_new_tokens: int, teacher_settings: TeacherSettings | None = None) -> None:
+        """Refuse a cache written for another teacher (or other teachers: one fingerprint per name, and
+        each teacher's own k / τ), tokenizer, k, temperature or length limits."""
+        want = _key(fingerprint, tokenizer, top_k, temperature, max_prompt_length, max_new_tokens, teacher_settings)
         stale = []
+        cached_own, run_own = self.manifest.get("teacher_settings") or {}, want.get("teacher_settings") or {}
+        both = [n for n in want.get("teachers") or {} if n in (self.teachers or {})] if cached_own or run_own else []
+        for n in both:  # each teacher's k / τ as the cache has it and as the run asks for it
+            have = cached_own.get(n, {"top_k": self.manifest.get("top_k"), "temperature": self.manifest.get("temperature")})
+            now = run_own.get(n, {"top_k": top_k, "temperature": float(temperature)})
+            if have != now:
+                stale.append(f"teacher {n!r} topk / temperature: cache {have['top_k']} / {have['temperature']}, run "
+                             f"{now['top_k']} / {now['temperature']}")
         if ("teachers" in want) != (self.teachers is not None):
             have = f"teachers {', '.join(self.teachers)}" if self.teachers is not None else "one teacher"
             run = f"teachers {', '.join(want['teachers'])}" if "teachers" in want else "one teacher"
@@ -343,7 +384,7 @@ class TeacherCache:
             stale += [f"teacher {n!r}: not in the cache" for n in run if n not in cached]
             stale += [f"teacher {n!r}: in the cache, not in the run" for n in cached if n not in run]
         stale += [f"{k}: cache {self.manifest.get(k)!r}, run {v!r}" for k, v in want.items()
-                  if k not in ("teacher", "teachers") and self.manifest.get(k) != v]
+                  if k not in ("teacher", "teachers", "teacher_settings") and self.manifest.get(k) != v]
         if "teacher" in want and self.teachers is None and self.manifest.get("teacher") != want["teacher"]:
             stale.insert(0, f"teacher: cache {self.manifest.get('teacher')!r}, run {want['teacher']!r}")
         if stale:
@@ -375,11 +416,16 @@ class TeacherCache:
 
     def lookup(self, rollout, row_teachers: Sequence[str] | None = None) -> TeacherTopK:
         """The cached top-k view ``(B, L, k)`` of a reference rollout (several teachers: each row's
-        from its teacher, ``row_teachers``); padded positions hold a uniform top-k."""
+        from its teacher, ``row_teachers``); padded positions hold a uniform top-k. Teachers cached at their
+        own k (``teacher_settings``): the rows of a narrower one are widened with empty buckets."""
         k = int(self.manifest.get("width", self.manifest["top_k"]))  # top_k, or the vocabulary when smaller
         pm, cm = rollout.prompt_mask.cpu(), rollout.completion_mask.cpu()
         b, length = cm.shape
         names = self._key_names(b, row_teachers)
+        widths = [k] * b
+        if "teacher_widths" in self.manifest:
+            widths = [int(self.manifest["teacher_widths"][n]) for n in names]  # type: ignore[index]
+            k = max(widths)
         indices, logprobs, tail = padded_topk(b, length, k)
         for i in range(b):
             p = rollout.prompt_ids[i].cpu()[pm[i]].tolist()
@@ -390,9 +436,13 @@ class TeacherCache:
                                  "tokens): the data changed since gkd cache-teacher ran")
             s, lo, hi = where
             fh = self._files[s]
-            indices[i, : hi - lo] = fh.get_slice("indices")[lo:hi].long()
-            logprobs[i, : hi - lo] = fh.get_slice("logprobs")[lo:hi]
+            w = widths[i]
+            indices[i, : hi - lo, :w] = fh.get_slice("indices")[lo:hi].long()
+            logprobs[i, : hi - lo, :w] = fh.get_slice("logprobs")[lo:hi]
             tail[i, : hi - lo] = fh.get_slice("log_tail")[lo:hi]
+            if w < k:  # empty buckets: probability 0 for both models
+                indices[i, : hi - lo, w:] = TeacherTopK.EMPTY
+                logprobs[i, : hi - lo, w:] = TeacherTopK.LOG_ZERO
         self.hits += b
         device = rollout.completion_ids.device
         return TeacherTopK(indices.to(device), logprobs.to(device), tail.to(device))
@@ -444,7 +494,7 @@ def open_cache(cfg, tokenizer, teacher: Any, dataset, structural: bool = False) 
     cache = TeacherCache(cfg.teacher_cache)
     cache.check(fingerprint=fingerprint_for(cfg, teacher), tokenizer=tokenizer, top_k=cfg.teacher_topk,
                 temperature=cfg.loss_temperature, max_prompt_length=cfg.max_prompt_length,
-                max_new_tokens=cfg.max_new_tokens)
+                max_new_tokens=cfg.max_new_tokens, teacher_settings=teacher_settings_for(cfg))
     routed = getattr(teacher, "routes_rows", False)
     cache.check_rows(dataset, teacher.row_names(dataset.rows) if routed else None)
     return cache
@@ -521,4 +571,5 @@ def _cache_teachers(cfg, device: str, progress: bool) -> dict[str, Any]:
                        fingerprint={name: teacher_fingerprint(spec.model, paths[name]) for name, spec in specs.items()},
                        top_k=cfg.teacher_topk, temperature=cfg.loss_temperature,
                        max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
-                       row_teachers=names, batch_size=max(cfg.per_device_batch_size, 8), progress=progress)
+                       row_teachers=names, teacher_settings=teacher_settings_for(cfg),
+                       batch_size=max(cfg.per_device_batch_size, 8), progress=progress)
