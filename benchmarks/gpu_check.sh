@@ -50,7 +50,7 @@ if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl > /dev/null 2>&1; then
   step install 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gkd-site "$ROOT"/.whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/gkd-site"
 fi
-step environment 60 $PY - "$OUT_DIR/environment.json" <<'PYEOF'
+step environment 120 $PY - "$OUT_DIR/environment.json" <<'PYEOF'
 import importlib, json, platform, sys
 import torch
 info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -69,10 +69,14 @@ PYEOF
 
 if [ $DRY -eq 1 ]; then
   DEV=cpu
-  step gpu_tests 300 env GKD_TEST_DEVICE=cpu ACCELERATE_USE_CPU=true $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml"
-  step real_pair 300 $PY benchmarks/bench_real_pair.py --tiny --steps 2 --reps 1 --batch 2 --new-tokens 8 --out "$OUT_DIR"
-  step loss_memory 300 $PY benchmarks/bench_loss_memory.py --quick --device cpu --methods trl_gkd,ours_fused --out "$OUT_DIR"
-  step rollout 300 $PY benchmarks/bench_rollout.py --quick --reps 1 --out "$OUT_DIR"
+  # side by side, one thread each: the dry run checks that every step runs, not how fast (it is the test
+  # suite's slowest test otherwise); the GPU run below keeps them one after another, timed alone
+  export OMP_NUM_THREADS=1
+  step gpu_tests 300 env GKD_TEST_DEVICE=cpu ACCELERATE_USE_CPU=true $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" &
+  step real_pair 300 $PY benchmarks/bench_real_pair.py --tiny --steps 2 --reps 1 --batch 2 --new-tokens 8 --out "$OUT_DIR" &
+  step loss_memory 300 $PY benchmarks/bench_loss_memory.py --quick --device cpu --methods trl_gkd,ours_fused --out "$OUT_DIR" &
+  step rollout 300 $PY benchmarks/bench_rollout.py --quick --reps 1 --out "$OUT_DIR" &
+  wait
 else
   DEV=cuda
   step gpu_tests 90 env GKD_TEST_DEVICE=cuda $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml"
