@@ -42,7 +42,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- two-teachers:start -->", "<!-- two-teachers:end -->"
+#: The two students: ``pruned`` (the recipe: 20 of the generalist's 30 layers, compression) and ``full``
+#: (the whole generalist, ``student_init: null``: merging the specialist's skill into a same-size model).
+STUDENTS = ("pruned", "full")
+
+
+def markers(student: str) -> tuple[str, str]:
+    name = "two-teachers" if student == "pruned" else f"two-teachers-{student}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+START, END = markers("pruned")
+
 GENERALIST = "builtin:smollm2-135m-instruct"
 SPECIALIST_RECIPE = ROOT / "recipes" / "smollm2-135m-arith-specialist.yaml"
 RECIPE = ROOT / "recipes" / "smollm2-135m-two-teachers.yaml"
@@ -71,6 +82,7 @@ class Plan:
     arith_tokens: int = 40  # room for the generalist's longer answers to reach their result (~27 tokens)
     chat_eval: int = 64  # held-out chat rows (all)
     eval_batch: int = 64
+    student: str = "pruned"  # one of STUDENTS
 
     @classmethod
     def quick(cls) -> Plan:
@@ -149,6 +161,8 @@ def arm_config(plan: Plan, work: Path, arm: str, specialist: str):
     """Phase 2's configs: the recipe (``both``) or its equal-compute control (``general-only``)."""
     recipe = _recipe(RECIPE)
     changes: dict[str, Any] = {"output_dir": str(work / arm), **_sized(plan, "steps", "batch", tokens=True)}
+    if plan.student == "full":
+        changes["student_init"] = None
     if arm == "both":
         changes["teachers"] = {**recipe["teachers"], "arith": specialist}
     else:  # the command line the recipe documents: teachers=null teacher=builtin:smollm2-135m-instruct
@@ -163,6 +177,7 @@ def distill(plan: Plan, work: Path, arm: str, specialist: dict[str, Any]) -> dic
     done = work / arm / "run.json"
     key = {"max_steps": cfg.max_steps, "per_device_batch_size": cfg.per_device_batch_size,
            "max_new_tokens": cfg.max_new_tokens, "teachers": cfg.teachers, "teacher": cfg.teacher,
+           "student_init": cfg.student_init,
            "data_md5": _md5(Path(cfg.dataset)), **({"specialist": specialist_made} if arm == "both" else {})}
     if done.is_file() and json.loads(done.read_text()).get("key") == key:
         info = json.loads(done.read_text())
@@ -216,7 +231,7 @@ def evaluate_all(plan: Plan, work: Path, specialist: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(resolve_model(GENERALIST))
     generalist, spec_model = _load(GENERALIST), _load(specialist)
     models = {"generalist": generalist, "specialist": spec_model,
-              "pruned init": str(work / "both" / "student-init"),
+              **({"pruned init": str(work / "both" / "student-init")} if plan.student == "pruned" else {}),
               "student: both": str(work / "both" / "final"), "student: general-only": str(work / "general-only" / "final")}
     kw = {"max_prompt_length": 256, "batch_size": plan.eval_batch}
     problems = load_rows(str(DATA / "arithmetic_eval.jsonl"), tokenizer, part="all")[: plan.arith_eval]
@@ -335,8 +350,9 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
+def write_section(path: Path, body: str, student: str = "pruned") -> None:
     """Replace what lies between the markers of ``path`` (they must be there)."""
+    START, END = markers(student)
     text = path.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"{path} has no {START} / {END} markers")
@@ -354,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                                                       "--quick: runs/two-teachers-quick)")
     parser.add_argument("--specialist-steps", type=int, help="SFT steps of the specialist (default: its recipe's)")
     parser.add_argument("--steps", type=int, help="distillation steps of each student (default: the recipe's)")
+    parser.add_argument("--student", choices=STUDENTS, default="pruned",
+                        help="pruned: the recipe's student, 20 of the generalist's 30 layers (compression); full: the "
+                             "whole generalist (student_init=null: the specialist's skill merged into a same-size "
+                             "model); its own work folder, section and JSON")
     args = parser.parse_args(argv)
     import torch
 
@@ -362,12 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.quick() if args.quick else Plan()
     plan.specialist_steps = args.specialist_steps or plan.specialist_steps
     plan.steps = args.steps or plan.steps
-    work = (args.work_dir or ROOT / "runs" / ("two-teachers-quick" if args.quick else "two-teachers")).resolve()
+    plan.student = args.student
+    suffix = "" if args.student == "pruned" else f"-{args.student}"
+    work = (args.work_dir or ROOT / "runs" / f"two-teachers{suffix}{'-quick' if args.quick else ''}").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    docs, out_json = ROOT / "docs" / "results.md", ROOT / "docs" / "results_two_teachers.json"
+    docs, out_json = ROOT / "docs" / "results.md", ROOT / "docs" / f"results_two_teachers{suffix.replace('-', '_')}.json"
     if args.quick:  # never into docs/: a copy of results.md in the work folder gets the section
         shutil.copyfile(docs, work / "results.md")
-        docs, out_json = work / "results.md", work / "results_two_teachers.json"
+        docs, out_json = work / "results.md", work / out_json.name
     t_all = time.perf_counter()
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -390,10 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": plan.steps or recipe["max_steps"],
                 **{k: v for k, v in asdict(plan).items() if k.startswith(("arith", "chat", "specialist"))}}
     results = {"command": "python benchmarks/two_teachers.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
-               "quick": args.quick, "threads": args.threads, "settings": settings, "specialist": spec, "runs": runs,
+               "student": args.student, "quick": args.quick, "threads": args.threads, "settings": settings, "specialist": spec, "runs": runs,
                "timing": timing, "eval": ev}
     out_json.write_text(json.dumps(results, indent=1))
-    write_section(docs, report(results))
+    write_section(docs, report(results), args.student)
     print(f"[time] specialist {spec['seconds']:.0f}s{' (made earlier)' if spec.get('skipped') else ''}, "
           + ", ".join(f"{arm} {r['seconds']:.0f}s" for arm, r in runs.items())
           + f", eval {timing['eval']:.0f}s, total {timing['total']:.0f}s", flush=True)
