@@ -23,7 +23,7 @@ enumeration). It is unbiased when ``y_t`` is the student's own sample at the tem
 taken at, without top-k / top-p; on other tokens (dataset references, SKD replacements, a truncated
 sampler) it is a weighted log-likelihood, no longer the reverse KL's gradient.
 
-**Temperatures.** As MiniLLM's reward (:func:`gkd.losses.minillm_rewards`): ``log q_θ`` at the sampling
+**Temperatures.** As MiniLLM's reward (:func:`gkd.policy_gradient.minillm_rewards`): ``log q_θ`` at the sampling
 ``temperature``, ``log p`` of the teacher's unprocessed distribution (temperature 1), so a served
 teacher — ``gkd serve-teacher`` or vLLM's raw prompt log-probs — can supply it. ``loss_temperature``
 does not apply.

@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from gkd.losses import (
+from gkd.losses import single_step_reverse_kl
+from gkd.policy_gradient import (
     importance_weights,
     minillm_returns,
     minillm_rewards,
     policy_gradient_loss,
     ppo_clipped_loss,
     ppo_clipped_share,
-    single_step_reverse_kl,
     whiten,
 )
 from gkd.rollout import SamplingParams, build_logits_processors, sample
@@ -334,7 +334,7 @@ def test_whitening_uses_only_unmasked_values_and_global_moments():
     torch.testing.assert_close(w[m].double(), want, rtol=1e-5, atol=1e-5)
     assert (w[~m] == 0).all()
     # moments summed over two "ranks" give the same result as whitening the union
-    from gkd.losses import masked_moments
+    from gkd.policy_gradient import masked_moments
 
     moments = masked_moments(x[:1], m[:1]) + masked_moments(x[1:], m[1:])
     torch.testing.assert_close(torch.cat([whiten(x[:1], m[:1], moments), whiten(x[1:], m[1:], moments)]), w)

@@ -33,8 +33,9 @@ from gkd.algorithms.common import (
 )
 from gkd.data import reference_rollout, require_references
 from gkd.fidelity import fidelity_terms
-from gkd.losses import policy_gradient_loss, token_logprobs
+from gkd.losses import token_logprobs
 from gkd.objectives import temperature_at
+from gkd.policy_gradient import policy_gradient_loss
 from gkd.rewards import score_rollouts
 from gkd.rollout import Rollout
 from gkd.rollout_skd import skd_metrics

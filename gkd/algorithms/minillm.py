@@ -34,15 +34,14 @@ from gkd.algorithms.common import (
     views,
 )
 from gkd.errors import ConfigError
-from gkd.losses import (
+from gkd.losses import single_step_reverse_kl, token_logprobs
+from gkd.policy_gradient import (
     importance_weights,
     masked_moments,
     minillm_returns,
     minillm_rewards,
     ppo_clipped_loss,
     ppo_clipped_share,
-    single_step_reverse_kl,
-    token_logprobs,
     whiten,
 )
 from gkd.rewards import score_rollouts
