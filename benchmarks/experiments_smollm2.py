@@ -400,6 +400,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for key, _, _ in COLUMNS:
             values = [r[key] for r in rs if r.get(key) is not None]
             row[key] = _mean_std(values) if values else None
+            row[f"{key}:n"] = len(values)  # seeds that measured it (a --no-tf-sampled sweep skips some)
         out[m.key] = row
     return out
 
@@ -419,9 +420,9 @@ def table(agg: dict[str, dict[str, Any]], ref: dict[str, Any]) -> str:
     for row in agg.values():
         cells = []
         for key, _, d in columns:
-            v = row[key]
-            cells.append("—" if v is None else (f"{v[0]:.{d}f} ± {v[1]:.{d}f}" if len(row["seeds"]) > 1
-                                                  else f"{v[0]:.{d}f}"))
+            v, n = row[key], row.get(f"{key}:n", len(row["seeds"]))
+            cell = "—" if v is None else (f"{v[0]:.{d}f} ± {v[1]:.{d}f}" if n > 1 else f"{v[0]:.{d}f}")
+            cells.append(cell + (f" (n={n})" if v is not None and n < len(row["seeds"]) else ""))
         lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(cells)
                      + f" | {row['train_time_s']:.0f} |")
     return "\n".join(lines)
