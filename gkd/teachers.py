@@ -114,10 +114,15 @@ def _pad_topk(view: TeacherTopK, length: int) -> TeacherTopK:
                        torch.cat([view.log_tail, tail], 1))
 
 
+def _widen_all(views: list[TeacherTopK]) -> list[TeacherTopK]:
+    """Every view widened to the widest k (empty buckets: probability 0, exactly 0 in every divergence)."""
+    k = max(v.width for v in views)
+    return [v.widen(k) for v in views]
+
+
 def _cat_topk(views: list[TeacherTopK]) -> TeacherTopK:
     """Views of groups of rows, one after the other (widened to the widest k: empty buckets)."""
-    k = max(v.width for v in views)
-    views = [v.widen(k) for v in views]
+    views = _widen_all(views)
     return TeacherTopK(torch.cat([v.indices for v in views]), torch.cat([v.logprobs for v in views]),
                        torch.cat([v.log_tail for v in views]))
 
@@ -131,8 +136,7 @@ def _common_views(values: list[Any], temperatures: list[float]) -> list[Any]:
         return values  # all full logits; or a group without a view (then the merged answer has none)
     values = [TeacherTopK.from_logits(v, tau) if isinstance(v, torch.Tensor) else v
               for v, tau in zip(values, temperatures, strict=True)]
-    k = max(v.width for v in values)
-    return [v.widen(k) for v in values]
+    return _widen_all(values)
 
 
 def merge_rollouts(parts: list[Rollout], order: torch.Tensor, pad_token_id: int) -> Rollout:
