@@ -36,9 +36,11 @@ every arm takes the same optimizer steps on the same prompts; the optimizer stat
 the switch. ``--max-new-tokens 128`` (issue 24's setting) lets most answers end.
 
 Each finished run is appended to ``<work>/runs.jsonl`` at once (a killed sweep keeps what it finished;
-two processes may run disjoint subsets side by side). ``--report`` writes ``results_smollm2.json``,
-``results_smollm2.png`` and the section of ``docs/results.md`` between the ``<!-- smollm2:start -->``
-/ ``<!-- smollm2:end -->`` markers.
+two processes may run disjoint subsets side by side). ``--report`` writes ``results_<section>.json``,
+``results_<section>.png`` and the section of ``results.md`` between the ``<!-- <section>:start -->`` /
+``<!-- <section>:end -->`` markers (``--section``, default ``smollm2``) in ``--out-dir``: ``docs/`` by
+default, the work dir when ``--work-dir`` is given without ``--out-dir`` (a sweep of another experiment
+never overwrites this one's section).
 """
 
 from __future__ import annotations
@@ -108,6 +110,12 @@ METHODS = [
     Method("kd_reward", "KD first, then on-policy GKD JSD(0.5) at T=0.7 + reward term α=0.5 (no-loops + IFEval "
            "compliance, recipes/rewards/heal.py; group baseline), 2 samples × 2 prompts",
            {"lmbda": 1.0, "temperature": 0.7, **JSD, **PAIRS, "alpha": 0.5, "reward_baseline": "group",
+            "reward_funcs": [f"{ROOT}/recipes/rewards/heal.py:no_loops",
+                             f"{ROOT}/recipes/rewards/heal.py:follows_instructions"]}, init="kd"),
+    Method("kd_reward4", "KD first, then on-policy at T=0.3 (where the loops are), reward-led: 0.8 × reward policy "
+           "gradient (no-loops + IFEval compliance, group baseline) + 0.2 × JSD(0.5), 1 prompt × 4 samples",
+           {"lmbda": 1.0, "temperature": 0.3, **JSD, "per_device_batch_size": 1, "num_generations": 4,
+            "alpha": 0.2, "reward_baseline": "group", "term_grad_norm_steps": 5,
             "reward_funcs": [f"{ROOT}/recipes/rewards/heal.py:no_loops",
                              f"{ROOT}/recipes/rewards/heal.py:follows_instructions"]}, init="kd"),
 ]
@@ -506,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps per arm (default 60)")
     parser.add_argument("--methods", nargs="+", choices=[m.key for m in METHODS], help="subset of arms (default all)")
     parser.add_argument("--work-dir", help="runs + runs.jsonl (default runs/experiments-smollm2[-quick])")
-    parser.add_argument("--out-dir", help="where results_smollm2.json/png and results.md go (default docs/)")
+    parser.add_argument("--out-dir", help="where results_<section>.json/png and results.md go (default docs/; with "
+                                          "--work-dir or --quick: the work dir)")
     parser.add_argument("--jobs", nargs="+", metavar="ARM:SEED",
                         help="explicit (arm, seed) runs in this priority order (instead of --methods × --seeds)")
     parser.add_argument("--section", default="smollm2",
@@ -537,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir or ROOT / "runs" / ("experiments-smollm2-quick" if plan.quick else "experiments-smollm2"))
-    out_dir = Path(args.out_dir) if args.out_dir else (work if plan.quick else ROOT / "docs")
+    # docs/ only when asked (--out-dir) or for the default experiment: a sweep in its own --work-dir must not
+    # overwrite another experiment's section of docs/results.md when it ends
+    out_dir = Path(args.out_dir) if args.out_dir else (work if plan.quick or args.work_dir else ROOT / "docs")
     methods = [m for m in METHODS if not args.methods or m.key in args.methods]
     if args.evaluate:
         print(json.dumps(evaluate_model(plan, args.evaluate), indent=1))

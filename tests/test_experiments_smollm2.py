@@ -49,6 +49,14 @@ def test_report_aggregates_seeds_and_keeps_the_text_around_it(tmp_path):
     assert "kept above" in text and "kept below" in text and "old" not in text
     assert (out / "results_smollm2.png").exists() and (out / "results_smollm2.json").exists()
 
+    # a run in its own --work-dir writes its report there, never into docs/ (a sweep of one experiment
+    # overwrote another experiment's section of docs/results.md when it ended)
+    docs = ROOT / "docs"
+    before = {p.name: p.read_bytes() for p in docs.iterdir() if p.is_file()}
+    assert exp.main(["--report", "--work-dir", str(work), "--section", "side"]) == 0
+    assert (work / "results.md").exists() and (work / "results_side.json").exists()
+    assert {p.name: p.read_bytes() for p in docs.iterdir() if p.is_file()} == before
+
 
 @pytest.mark.real
 def test_quick_run_on_the_real_pair(tmp_path):
