@@ -231,7 +231,6 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
     device = prompt_ids.device
     batch, max_new = prompt_ids.shape[0], params.max_new_tokens
     procs = build_logits_processors(params)
-    truncates = params.top_k > 0 or params.top_p < 1.0
     attention = prompt_mask.long()
     positions = position_ids_from_mask(attention)
     base = positions[:, -1]  # position of each prompt's last token; new token i sits at base + i
@@ -248,39 +247,12 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
     pending: torch.Tensor | None = None  # last committed token, not yet in either cache
     stats = torch.zeros(3, dtype=torch.long, device=device)  # on live rows: drafts accepted, rejected, row-rounds
     for _ in range(max_new):  # every round commits >= 1 token per live row
-        # --- draft: k student steps; the tokens fed here are appended to both caches ---
-        fed = [] if pending is None else [pending]
         start = base + length + (1 if pending is None else 0)  # position of the first fed token
-        if pending is not None:
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            s_logits = student_step(pending[:, None], attention, start[:, None])
-        q_steps, drafts, qt_steps = [], [], []
-        for j in range(k):
-            q = torch.log_softmax(procs(prompt_ids, s_logits.float()), dim=-1)
-            d = _draw(q.exp(), params.do_sample, generator)
-            q_steps.append(q)
-            drafts.append(d)
-            if truncates:  # the stored log q_old: at the sampling temperature, without the top-k / top-p cut
-                qt_steps.append(torch.log_softmax(s_logits.float() / params.temperature, dim=-1))
-            if j < k - 1:
-                fed.append(d)
-                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-                s_logits = student_step(d[:, None], attention, (start + len(fed) - 1)[:, None])
-        # --- verify: one teacher pass over the fed tokens gives p at every drafted position ---
-        p_logits = []
-        if pending is None:
-            p_logits.append(t_first[:, None])
-        if fed:
-            slot_pos = start[:, None] + torch.arange(len(fed), device=device)
-            p_logits.append(teacher_step(torch.stack(fed, 1), attention, slot_pos, all_positions=True))
-        p_raw = torch.cat(p_logits, 1).float()  # (B, k, V)
-        q_all = torch.stack(q_steps, 1)  # (B, k, V) log q
-        p_all = torch.log_softmax(procs(prompt_ids, p_raw.flatten(0, 1)), dim=-1).view_as(q_all)
-        # the reward's log p(y_t) comes from the teacher's unprocessed distribution (as the MiniLLM
-        # authors score it): a token outside the teacher's top-k / top-p keeps a finite log-prob
-        r_all = torch.log_softmax(p_raw, dim=-1) if procs else p_all
-        qt_all = torch.stack(qt_steps, 1) if truncates else q_all
-        d_all = torch.stack(drafts, 1)  # (B, k)
+        rnd, attention, s_logits = _draft_and_verify(
+            student_step, teacher_step, procs, params, prompt_ids, generator, k=k, s_logits=s_logits,
+            t_first=t_first, attention=attention, pending=pending, start=start)
+        q_all, qt_all, p_all, r_all = rnd.q, rnd.q_stored, rnd.p, rnd.p_unprocessed
+        d_all = rnd.drafts  # (B, k)
         q_d = q_all.gather(-1, d_all[..., None]).squeeze(-1)
         qt_d = qt_all.gather(-1, d_all[..., None]).squeeze(-1)
         p_d = p_all.gather(-1, d_all[..., None]).squeeze(-1)
@@ -317,22 +289,11 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
         n_new = torch.where(rejected, n_acc + 1, torch.full_like(n_acc, k))
         live = ~finished
         stats += torch.stack([(n_acc * live).sum(), (rejected & live).sum(), live.sum()])  # no host sync
-        # the fed slots that hold rejected drafts become holes (slot s holds d_s, or the pending token at s=0)
-        if fed:
-            draft_index = cols[: len(fed)] + (0 if pending is not None else 1)  # which d_j each slot holds (0: pending)
-            attention[:, -len(fed):] = (draft_index[None] <= n_acc[:, None]).long()
-        # --- commit: up to the first EOS, at most max_new tokens, nothing for finished rows ---
-        valid = (cols[None] < n_new[:, None]) & ~finished[:, None]
-        is_eos = torch.isin(new_ids, eos) & valid
-        first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(n_new, k))
-        valid &= (cols[None] <= first_eos[:, None]) & (length[:, None] + cols[None] < max_new)
-        index = torch.where(valid, length[:, None] + cols[None], torch.full_like(new_ids, width - 1))
-        out_ids.scatter_(1, index, torch.where(valid, new_ids, pad_token_id))
+        valid, index, length, finished, pending = _commit(
+            rnd, new_ids, n_acc, n_new, pending=pending, attention=attention, out_ids=out_ids, length=length,
+            finished=finished, eos=eos, max_new=max_new, pad_token_id=pad_token_id)
         for name, val in (("q", new_q), ("p", new_r), ("mix", new_mix)):
             out[name].scatter_(1, index, torch.where(valid, val, 0.0))
-        length = length + valid.sum(1)
-        finished = finished | (is_eos & valid).any(1) | (length >= max_new)
-        pending = torch.where(rejected, y, d_all[:, -1]) if any_rejected else d_all[:, -1]
         done = bool(finished.all())
         if all_ranks_done(done) if all_ranks_done is not None else done:
             break
@@ -345,6 +306,90 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
         teacher_logprobs=out["p"][:, :used] * mask, mixed_logprobs=out["mix"][:, :used] * mask,
         draft_stats=tuple(stats.tolist()),  # type: ignore[arg-type]
     )
+
+
+@dataclass
+class _Round:
+    """One draft-and-verify round of the speculative samplers (teacher-mixed here, SKD in
+    :mod:`gkd.rollout_skd`): ``k`` student drafts and the teacher's distributions at their positions."""
+
+    fed: list[torch.Tensor]  # tokens appended to both KV caches this round (the pending token, then d_1..d_{k-1})
+    drafts: torch.Tensor  # (B, k) d_1..d_k
+    q: torch.Tensor  # (B, k, V) log q after the logits processors (what the drafts were drawn from)
+    q_stored: torch.Tensor  # (B, k, V) log q_old: at the sampling temperature, without the top-k / top-p cut
+    p: torch.Tensor  # (B, k, V) log p after the same processors
+    p_unprocessed: torch.Tensor  # (B, k, V) log p of the raw teacher (no τ / top-k / top-p)
+    p_logits: torch.Tensor  # (B, k, V) the teacher's raw logits
+
+
+def _draft_and_verify(student_step: _Decoder, teacher_step: _Decoder, procs: LogitsProcessorList,
+                      params: SamplingParams, prompt_ids: torch.Tensor, generator: torch.Generator | None, *, k: int,
+                      s_logits: torch.Tensor, t_first: torch.Tensor, attention: torch.Tensor,
+                      pending: torch.Tensor | None, start: torch.Tensor) -> tuple[_Round, torch.Tensor, torch.Tensor]:
+    """The student drafts ``k`` tokens (one KV-cached step each, the ``pending`` token first), then one
+    teacher pass over the fed tokens gives ``p`` at every drafted position. ``start``: position of the first
+    fed token per row. Returns the round, the grown attention mask and the student's logits after the
+    last fed token."""
+    truncates = params.top_k > 0 or params.top_p < 1.0
+    fed = [] if pending is None else [pending]
+    if pending is not None:
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        s_logits = student_step(pending[:, None], attention, start[:, None])
+    q_steps, drafts, qt_steps = [], [], []
+    for j in range(k):
+        q = torch.log_softmax(procs(prompt_ids, s_logits.float()), dim=-1)
+        d = _draw(q.exp(), params.do_sample, generator)
+        q_steps.append(q)
+        drafts.append(d)
+        if truncates:
+            qt_steps.append(torch.log_softmax(s_logits.float() / params.temperature, dim=-1))
+        if j < k - 1:
+            fed.append(d)
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            s_logits = student_step(d[:, None], attention, (start + len(fed) - 1)[:, None])
+    p_logits = []
+    if pending is None:
+        p_logits.append(t_first[:, None])
+    if fed:
+        slot_pos = start[:, None] + torch.arange(len(fed), device=prompt_ids.device)
+        p_logits.append(teacher_step(torch.stack(fed, 1), attention, slot_pos, all_positions=True))
+    p_raw = torch.cat(p_logits, 1).float()  # (B, k, V)
+    q_all = torch.stack(q_steps, 1)
+    p_all = torch.log_softmax(procs(prompt_ids, p_raw.flatten(0, 1)), dim=-1).view_as(q_all)
+    # log p(y_t) for the reward / the stored teacher log-probs comes from the unprocessed teacher (as the
+    # MiniLLM authors score it): a token outside the teacher's top-k / top-p keeps a finite log-prob
+    r_all = torch.log_softmax(p_raw, dim=-1) if procs else p_all
+    qt_all = torch.stack(qt_steps, 1) if truncates else q_all
+    rnd = _Round(fed=fed, drafts=torch.stack(drafts, 1), q=q_all, q_stored=qt_all, p=p_all, p_unprocessed=r_all,
+                 p_logits=p_raw)
+    return rnd, attention, s_logits
+
+
+def _commit(rnd: _Round, new_ids: torch.Tensor, n_acc: torch.Tensor, n_new: torch.Tensor, *,
+            pending: torch.Tensor | None, attention: torch.Tensor, out_ids: torch.Tensor, length: torch.Tensor,
+            finished: torch.Tensor, eos: torch.Tensor, max_new: int, pad_token_id: int,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """End of a speculative round: the fed slots holding dropped drafts become holes in ``attention``
+    (in place); each row's first ``n_new`` of ``new_ids`` are written to ``out_ids`` up to its first EOS
+    and ``max_new`` tokens, nothing for finished rows (column ``width − 1`` takes the discarded writes).
+    Returns ``valid`` (B, k), the write ``index`` (B, k), and the new ``length``, ``finished`` and
+    ``pending`` (each row's last committed token, not yet in either cache)."""
+    k, width = new_ids.shape[1], out_ids.shape[1]
+    cols = torch.arange(k, device=new_ids.device)
+    if rnd.fed:  # slot s holds d_s, or the pending token at s = 0
+        draft_index = cols[: len(rnd.fed)] + (0 if pending is not None else 1)
+        attention[:, -len(rnd.fed):] = (draft_index[None] <= n_acc[:, None]).long()
+    valid = (cols[None] < n_new[:, None]) & ~finished[:, None]
+    is_eos = torch.isin(new_ids, eos) & valid
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(n_new, k))
+    valid &= (cols[None] <= first_eos[:, None]) & (length[:, None] + cols[None] < max_new)
+    index = torch.where(valid, length[:, None] + cols[None], torch.full_like(new_ids, width - 1))
+    out_ids.scatter_(1, index, torch.where(valid, new_ids, pad_token_id))
+    length = length + valid.sum(1)
+    finished = finished | (is_eos & valid).any(1) | (length >= max_new)
+    rows = torch.arange(new_ids.shape[0], device=new_ids.device)
+    pending = new_ids[rows, (n_new - 1).clamp(max=k - 1)]
+    return valid, index, length, finished, pending
 
 
 def _gather_alive(logp: torch.Tensor, tok: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,9 @@ from gkd.rollout import (
     Rollout,
     SamplingParams,
     _as_id_tensor,
+    _commit,
     _Decoder,
-    _draw,
+    _draft_and_verify,
     _multinomial,
     build_logits_processors,
     position_ids_from_mask,
@@ -144,7 +145,6 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
     device = prompt_ids.device
     batch, max_new = prompt_ids.shape[0], params.max_new_tokens
     procs = build_logits_processors(params)
-    truncates = params.top_k > 0 or params.top_p < 1.0
     attention = prompt_mask.long()
     positions = position_ids_from_mask(attention)
     base = positions[:, -1]  # position of each prompt's last token; new token i sits at base + i
@@ -168,39 +168,14 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
         a = (kept + 1) / (judged + 2)
         k = min(k_max, math.floor(a / (1 - a)) + 1) if adaptive else k_max
         cols = torch.arange(k, device=device)
-        # --- draft: k student steps; the tokens fed here are appended to both caches ---
-        fed = [] if pending is None else [pending]
         start = base + length + (1 if pending is None else 0)  # position of the first fed token
-        if pending is not None:
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            s_logits = student_step(pending[:, None], attention, start[:, None])
-        q_steps, drafts, qt_steps = [], [], []
-        for j in range(k):
-            q = torch.log_softmax(procs(prompt_ids, s_logits.float()), dim=-1)
-            d = _draw(q.exp(), params.do_sample, generator)
-            q_steps.append(q)
-            drafts.append(d)
-            if truncates:  # the stored log q_old: at the sampling temperature, without the top-k / top-p cut
-                qt_steps.append(torch.log_softmax(s_logits.float() / params.temperature, dim=-1))
-            if j < k - 1:
-                fed.append(d)
-                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-                s_logits = student_step(d[:, None], attention, (start + len(fed) - 1)[:, None])
-        # --- verify: one teacher pass over the fed tokens gives p at every drafted position ---
-        p_logits = []
-        if pending is None:
-            p_logits.append(t_first[:, None])
-        if fed:
-            slot_pos = start[:, None] + torch.arange(len(fed), device=device)
-            p_logits.append(teacher_step(torch.stack(fed, 1), attention, slot_pos, all_positions=True))
-        p_raw = torch.cat(p_logits, 1).float()  # (B, k, V)
-        q_all = torch.stack(q_steps, 1)  # (B, k, V) processed log q
-        p_all = torch.log_softmax(procs(prompt_ids, p_raw.flatten(0, 1)), dim=-1).view_as(q_all)  # processed log p
-        r_all = torch.log_softmax(p_raw, dim=-1) if procs else p_all  # unprocessed log p (stored)
-        qt_all = torch.stack(qt_steps, 1) if truncates else q_all
+        rnd, attention, s_logits = _draft_and_verify(
+            student_step, teacher_step, procs, params, prompt_ids, generator, k=k, s_logits=s_logits,
+            t_first=t_first, attention=attention, pending=pending, start=start)
+        q_all, qt_all, p_all, r_all, p_raw = rnd.q, rnd.q_stored, rnd.p, rnd.p_unprocessed, rnd.p_logits
         inside = in_teacher_top_k(p_all, top_k)  # (B, k, V) the teacher's top-K
         log_out = torch.where(inside, -math.inf, q_all).logsumexp(-1)  # (B, k) log q(V ∖ T): P(replace)
-        d_all = torch.stack(drafts, 1)  # (B, k)
+        d_all = rnd.drafts  # (B, k)
         accepted = inside.gather(-1, d_all[..., None]).squeeze(-1)
         n_acc = accepted.long().cumprod(1).sum(1)  # leading accepted drafts per row
         rejected = n_acc < k
@@ -225,17 +200,9 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
         stats += torch.stack([(n_acc * live).sum(), (rejected & live).sum(), live.sum()])
         if adaptive:
             kept, judged = int(stats[0]), int(stats[0] + stats[1])
-        # the fed slots that hold dropped drafts become holes (slot s holds d_s, or the pending token at s=0)
-        if fed:
-            draft_index = cols[: len(fed)] + (0 if pending is not None else 1)  # which d_j each slot holds (0: pending)
-            attention[:, -len(fed):] = (draft_index[None] <= n_acc[:, None]).long()
-        # --- commit: up to the first EOS, at most max_new tokens, nothing for finished rows ---
-        valid = (cols[None] < n_new[:, None]) & ~finished[:, None]
-        is_eos = torch.isin(new_ids, eos) & valid
-        first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(n_new, k))
-        valid &= (cols[None] <= first_eos[:, None]) & (length[:, None] + cols[None] < max_new)
-        index = torch.where(valid, length[:, None] + cols[None], torch.full_like(new_ids, width - 1))
-        out_ids.scatter_(1, index, torch.where(valid, new_ids, pad_token_id))
+        valid, index, length, finished, pending = _commit(
+            rnd, new_ids, n_acc, n_new, pending=pending, attention=attention, out_ids=out_ids, length=length,
+            finished=finished, eos=eos, max_new=max_new, pad_token_id=pad_token_id)
         for name in names:
             out[name].scatter_(1, index, torch.where(valid, values[name], 0.0))
         if keep is not None:
@@ -246,9 +213,6 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
             for buf, val in ((view[0], idx), (view[1], top)):
                 buf.scatter_(1, at[..., None].expand(-1, -1, kk), torch.where(valid[..., None], val, buf[:, -1:]))
             view[2].scatter_(1, at, torch.where(valid, tail, view[2][:, -1:]))
-        length = length + valid.sum(1)
-        finished = finished | (is_eos & valid).any(1) | (length >= max_new)
-        pending = new_ids[rows, (n_new - 1).clamp(max=k - 1)]
         done = bool(finished.all())
         if all_ranks_done(done) if all_ranks_done is not None else done:
             break
