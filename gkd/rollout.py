@@ -231,12 +231,8 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
     device = prompt_ids.device
     batch, max_new = prompt_ids.shape[0], params.max_new_tokens
     procs = build_logits_processors(params)
-    attention = prompt_mask.long()
-    positions = position_ids_from_mask(attention)
-    base = positions[:, -1]  # position of each prompt's last token; new token i sits at base + i
-    student_step, teacher_step = _Decoder(model, vocab_size), _Decoder(teacher, vocab_size)
-    s_logits = student_step(prompt_ids, attention, positions)
-    t_first = teacher_step(prompt_ids, attention, positions)  # p for the first new token
+    attention, base, student_step, teacher_step, s_logits, t_first = _prefill_both(
+        model, teacher, prompt_ids, prompt_mask, vocab_size)
     log_mix, log_rest = (math.log(mix) if mix > 0 else -math.inf), (math.log1p(-mix) if mix < 1 else -math.inf)
     width = max_new + k  # room for a round's overshoot; column width - 1 takes the writes of finished rows
     out = {name: torch.zeros(batch, width, device=device) for name in ("q", "p", "mix")}
@@ -306,6 +302,20 @@ def _sample_mixed(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: 
         teacher_logprobs=out["p"][:, :used] * mask, mixed_logprobs=out["mix"][:, :used] * mask,
         draft_stats=tuple(stats.tolist()),  # type: ignore[arg-type]
     )
+
+
+def _prefill_both(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: torch.Tensor,
+                  prompt_mask: torch.Tensor, vocab_size: int | None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, _Decoder, _Decoder, torch.Tensor, torch.Tensor]:
+    """Start of the speculative samplers: both models read the prompts into their KV caches. Returns the
+    attention mask, each prompt's last position (new token ``i`` sits at ``base + i``), both decoders
+    and the student's and teacher's logits for the first new token."""
+    attention = prompt_mask.long()
+    positions = position_ids_from_mask(attention)
+    student_step, teacher_step = _Decoder(model, vocab_size), _Decoder(teacher, vocab_size)
+    s_logits = student_step(prompt_ids, attention, positions)
+    t_first = teacher_step(prompt_ids, attention, positions)
+    return attention, positions[:, -1], student_step, teacher_step, s_logits, t_first
 
 
 @dataclass

@@ -54,11 +54,10 @@ from gkd.rollout import (
     SamplingParams,
     _as_id_tensor,
     _commit,
-    _Decoder,
     _draft_and_verify,
     _multinomial,
+    _prefill_both,
     build_logits_processors,
-    position_ids_from_mask,
 )
 from gkd.serving.protocol import padded_topk
 
@@ -145,12 +144,8 @@ def _sample_skd(model: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: to
     device = prompt_ids.device
     batch, max_new = prompt_ids.shape[0], params.max_new_tokens
     procs = build_logits_processors(params)
-    attention = prompt_mask.long()
-    positions = position_ids_from_mask(attention)
-    base = positions[:, -1]  # position of each prompt's last token; new token i sits at base + i
-    student_step, teacher_step = _Decoder(model, vocab_size), _Decoder(teacher, vocab_size)
-    s_logits = student_step(prompt_ids, attention, positions)
-    t_first = teacher_step(prompt_ids, attention, positions)  # p for the first new token
+    attention, base, student_step, teacher_step, s_logits, t_first = _prefill_both(
+        model, teacher, prompt_ids, prompt_mask, vocab_size)
     width = max_new + k_max  # room for a round's overshoot; column width - 1 takes the writes of finished rows
     names = ("q", "p", "s", "replaced")
     out = {name: torch.zeros(batch, width, device=device) for name in names}
